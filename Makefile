@@ -1,0 +1,47 @@
+# Thin wrappers over the `lca` command line (pipeline/cli.py); every target installs what it needs first.
+PYTHON   ?= python3
+VENV     ?= .venv
+LCA      := $(VENV)/bin/lca
+WORKFLOW ?= workflows/digits-fc.toml
+STORE    ?= runs/$(basename $(notdir $(WORKFLOW))).zarr
+OUT      ?= reports/$(basename $(notdir $(STORE)))
+DATA_DIR ?= data
+WORKERS  ?=
+SCHEDULER ?=
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install data train lca report bench test clean
+
+install: $(VENV)/.installed
+
+# torch 2.13.0's CPU build is on disk on CPU machines; installing it first keeps pip from fetching a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(VENV)/bin/python -m pip install -q torch==2.13.0; fi
+	$(VENV)/bin/python -m pip install -q -e '.[test,bench]'
+	touch $@
+
+data: install $(DATA_DIR)/fashion-mnist/.complete
+
+$(DATA_DIR)/fashion-mnist/.complete:
+	$(LCA) data fashion-mnist --dest $(DATA_DIR)/fashion-mnist
+
+train: install
+	$(LCA) train $(WORKFLOW) --store $(STORE)
+
+lca: install
+	$(LCA) run $(WORKFLOW) --store $(STORE) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+
+report: install
+	$(LCA) report $(STORE) --out $(OUT)
+
+bench: install
+	$(LCA) bench $(BENCH_ARGS)
+
+test: install data
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs reports bench-out .pytest_cache

@@ -1,0 +1,22 @@
+"""Errors the pipeline reports to a person: each message is one line naming the problem and the fix."""
+
+from trajectory_store.errors import StoreError
+
+
+class LCAError(Exception):
+    """Base for user-facing failures of the pipeline (bad workflow, missing data, bad store, bad cluster)."""
+
+
+class WorkflowError(LCAError):
+    """A workflow TOML file has an unknown key, a wrong type or a value outside the valid choices."""
+
+
+class DataError(LCAError):
+    """A data set is missing or malformed; the message gives the command that fetches it."""
+
+
+class DivergenceError(LCAError):
+    """Training produced a non-finite loss or parameters; the message names the step."""
+
+
+USER_ERRORS = (LCAError, StoreError)
