@@ -1,0 +1,161 @@
+"""The `lca` command. Each subcommand is a thin wrapper over one public function of the pipeline.
+
+User-facing failures (`pipeline.errors.USER_ERRORS`) print as one line `error: ...` and exit 1; imports of
+heavy modules happen inside the commands so `lca --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import USER_ERRORS
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished blocks are kept; run the same command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _default_store(workflow: str) -> str:
+    return str(Path("runs") / f"{Path(workflow).stem}.zarr")
+
+
+@click.group()
+def main() -> None:
+    """Loss Change Allocation: record a training trajectory, allocate every loss change to parameters."""
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["fashion-mnist"]))
+@click.option("--dest", default="data/fashion-mnist", show_default=True, help="Folder for the IDX files.")
+@_user_errors
+def data(name: str, dest: str) -> None:
+    """Fetch a data set that cannot be downloaded at run time (Debian's dataset-fashion-mnist)."""
+    from .data import fetch_fashion_mnist
+
+    path = fetch_fashion_mnist(Path(dest))
+    click.echo(f"fashion-mnist ready in {path}")
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--store", default=None, help="Store path or fsspec URL [default: runs/<workflow>.zarr].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@_user_errors
+def train(workflow: str, store: str | None, overwrite: bool) -> None:
+    """Train WORKFLOW and record its trajectory to a Zarr store."""
+    from .config import load_workflow
+    from .train import train as run_train
+
+    result = run_train(load_workflow(workflow), store or _default_store(workflow), overwrite=overwrite)
+    click.echo(str(result))
+
+
+def _compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--workers", type=int, default=None,
+                     help="Local worker processes [default: one per GPU, else 2]."),
+        click.option("--scheduler", default=None, help="Address of a running Dask scheduler, e.g. tcp://host:8786."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--split", "splits", default=None, help="Comma-separated splits: train,heldout [default: workflow's]."),
+        click.option("--rule", type=click.Choice(["rk4", "first-order"]), default=None, help="[default: workflow's]"),
+        click.option("--tol", type=float, default=None, help="Absolute |residual| bound per step [default: workflow's]."),
+        click.option("--max-splits", type=int, default=None, help="Finest Simpson subdivision [default: workflow's]."),
+        click.option("--precision", type=click.Choice(["fp32", "tf32", "fp64"]), default=None,
+                     help="[default: workflow's]"),
+        click.option("--threads-per-worker", type=int, default=None, help="Torch threads per CPU worker."),
+        click.option("--recompute", is_flag=True, help="Recompute blocks already done."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _compute(store: str, **kw: Any) -> None:
+    from .compute import compute_lca
+
+    if kw.get("splits"):
+        kw["splits"] = [s.strip() for s in kw["splits"].split(",") if s.strip()]
+    summary = compute_lca(store, **kw)
+    click.echo(str(summary))
+
+
+@main.command()
+@click.argument("store")
+@_compute_options
+@_user_errors
+def compute(store: str, **kw: Any) -> None:
+    """Compute LCA for every step recorded in STORE, on a Dask worker pool; rerunning resumes."""
+    _compute(store, **kw)
+
+
+@main.command()
+@click.argument("workflow", type=click.Path(dir_okay=False))
+@click.option("--store", default=None, help="Store path or URL [default: runs/<workflow>.zarr].")
+@_compute_options
+@_user_errors
+def run(workflow: str, store: str | None, **kw: Any) -> None:
+    """Train WORKFLOW if its store does not exist yet, then compute LCA (what `make lca` runs)."""
+    from .config import load_workflow
+    from .train import store_exists, train as run_train
+
+    store = store or _default_store(workflow)
+    wf = load_workflow(workflow)
+    if not store_exists(store):
+        click.echo(str(run_train(wf, store)))
+    else:
+        click.echo(f"using the trajectory already in {store} (delete it or `lca train --overwrite` to retrain)")
+    _compute(store, **kw)
+
+
+@main.command()
+@click.argument("store")
+@_user_errors
+def info(store: str) -> None:
+    """Summarise a store: steps, parameters, layers, residuals, evaluations per step, completion."""
+    from .dataset import describe
+
+    click.echo(describe(store))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--out", default=None, help="Output folder [default: reports/<store name>].")
+@_user_errors
+def report(store: str, out: str | None) -> None:
+    """Write the paper's figures and summary.json for STORE, and print the summary table."""
+    from .report import write_report
+
+    out = out or str(Path("reports") / Path(store.rstrip("/")).stem)
+    write_report(store, out)
+
+
+@main.command()
+@click.option("--smoke", is_flag=True, help="Small sizes, for CI: checks the table, not the speed.")
+@click.option("--out", default="bench-out", show_default=True, help="Folder for bench.json and scratch stores.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_user_errors
+def bench(smoke: bool, out: str, device: str) -> None:
+    """Print the performance table: engine vs reference-style evaluator, FLOPs, residuals, store size."""
+    from .bench import run_bench
+
+    run_bench(smoke=smoke, out=out, device=device)
+
+
+if __name__ == "__main__":
+    main()
