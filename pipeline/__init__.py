@@ -1,0 +1,8 @@
+"""Loss Change Allocation for PyTorch training: train -> store -> compute -> dataset -> analysis.
+
+Importing the package registers the `ds.lca` xarray accessor (pipeline/analysis.py).
+"""
+
+from .dataset import describe, open_lca
+
+__all__ = ["open_lca", "describe"]

@@ -1,0 +1,207 @@
+"""Running an LCA plan on a Dask cluster: a fresh LocalCluster, or an existing one at a scheduler address.
+
+The client plans (pipeline/plan.py), submits one task per pending block, and shows progress; workers
+compute and write (pipeline/worker.py). A dead worker's blocks are simply rerun elsewhere by Dask; an
+interrupted client leaves finished blocks marked done, so running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .config import Workflow
+from .errors import LCAError
+from .plan import Settings, SplitPlan, array_names, plan_split
+from .worker import TaskSpec, run_block
+
+CONNECT_TIMEOUT_S = 10
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    steps: int
+    blocks_total: int
+    blocks_computed: int
+    residual_abs_max: float
+    residual_abs_mean: float
+    within_tol: float
+    points_mean: float
+
+
+@dataclass
+class ComputeSummary:
+    store: str
+    settings: Settings
+    splits: list[SplitSummary] = field(default_factory=list)
+    seconds: float = 0.0
+    workers: int = 0
+    devices: list[str] = field(default_factory=list)
+    dashboard: str | None = None
+
+    def __str__(self) -> str:
+        s = self.settings
+        lines = [f"LCA ({s.rule}, tol {s.tol:g}, max splits {s.max_splits}, {s.precision}) for {self.store}"]
+        for sp in self.splits:
+            steps_per_s = sp.steps * sp.blocks_computed / max(sp.blocks_total, 1) / self.seconds \
+                if self.seconds > 0 and sp.blocks_computed else float("nan")
+            lines.append(
+                f"  {sp.split}: {sp.steps} steps in {sp.blocks_total} blocks ({sp.blocks_computed} computed now, "
+                f"{steps_per_s:.1f} steps/s); |residual| max {sp.residual_abs_max:.2e} mean "
+                f"{sp.residual_abs_mean:.2e}; {100 * sp.within_tol:.1f}% within tol; "
+                f"{sp.points_mean:.3f} gradient evaluations per step")
+        if self.workers:
+            lines.append(f"  {self.workers} worker(s) on {', '.join(sorted(set(self.devices))) or 'n/a'}, "
+                         f"{self.seconds:.1f} s")
+        lines.append(f"dataset: pipeline.open_lca({self.store!r})  (summary: lca info {self.store})")
+        return "\n".join(lines)
+
+
+def resolve_settings(wf: Workflow, **overrides: Any) -> Settings:
+    """The workflow's LCA settings with command-line overrides, validated by the workflow schema."""
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    lca = wf.replace(lca=changes).lca if changes else wf.lca
+    return Settings(lca.rule, lca.tol, lca.max_splits, lca.precision, lca.eval_batch_size)
+
+
+@contextlib.contextmanager
+def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+        except (OSError, TimeoutError) as e:
+            raise LCAError(f"cannot reach the Dask scheduler at {scheduler} within {CONNECT_TIMEOUT_S} s "
+                           f"({type(e).__name__}); start it with `dask scheduler` or drop --scheduler") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    dashboard = ":0" if importlib.util.find_spec("bokeh") else None
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _summarise(root: Any, plan: SplitPlan, computed: int) -> SplitSummary:
+    names = array_names(plan.split)
+    residual = np.asarray(root[names["residual"]][:])
+    points = np.asarray(root[names["points"]][:])
+    done = np.isfinite(residual)
+    r = np.abs(residual[done])
+    return SplitSummary(
+        plan.split, plan.steps, len(plan.blocks), computed,
+        float(r.max()) if r.size else float("nan"), float(r.mean()) if r.size else float("nan"),
+        float((r <= plan.settings.tol).mean()) if r.size else float("nan"),
+        float(points[done].mean()) if r.size else float("nan"),
+    )
+
+
+def compute_lca(
+    store: str,
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    device: str = "auto",
+    splits: Sequence[str] | None = None,
+    rule: str | None = None,
+    tol: float | None = None,
+    max_splits: int | None = None,
+    precision: str | None = None,
+    threads_per_worker: int | None = None,
+    recompute: bool = False,
+    block_steps: int | None = None,
+    workflow: Workflow | None = None,
+    progress: bool = True,
+) -> ComputeSummary:
+    """Compute LCA for every recorded step of `store` and write it into the store's `lca/` group.
+
+    `workflow` is needed only for stores written by a user's own loop without one: it names the model and
+    data to evaluate. Blocks already done under the same settings are skipped unless `recompute`.
+    """
+    import torch
+    from trajectory_store import open_trajectory
+
+    if workers is not None and workers < 1:
+        raise LCAError(f"--workers must be at least 1, got {workers}")
+    if threads_per_worker is not None and threads_per_worker < 1:
+        raise LCAError(f"--threads-per-worker must be at least 1, got {threads_per_worker}")
+    if block_steps is not None and block_steps < 1:
+        raise LCAError(f"block_steps must be at least 1, got {block_steps}")
+    if device == "cuda" and not scheduler and not torch.cuda.is_available():
+        raise LCAError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu")
+
+    reader = open_trajectory(store)
+    if reader.num_checkpoints < 2:
+        raise LCAError(f"{store} holds {reader.num_checkpoints} checkpoint(s); LCA needs at least two "
+                       f"(a run of at least one recorded step)")
+    if workflow is None:
+        if not reader.workflow:
+            raise LCAError(f"{store} records no workflow, so its model and data are unknown; pass the "
+                           f"workflow that describes them (compute_lca(..., workflow=load_workflow(FILE)))")
+        workflow = Workflow.from_dict(reader.workflow, f"workflow stored in {store}")
+    settings = resolve_settings(workflow, rule=rule, tol=tol, max_splits=max_splits, precision=precision,
+                                splits=list(splits) if splits else None)
+    split_names = list(splits) if splits else list(workflow.lca.splits)
+
+    block = block_steps or reader.chunk_steps
+    plans = [plan_split(reader.group, s, steps=reader.num_steps, size=reader.layout.size, block=block,
+                        param_chunk=reader.param_chunk, settings=settings, recompute=recompute)
+             for s in split_names]
+    pending = [b for p in plans for b in p.pending]
+    summary = ComputeSummary(store, settings)
+    t0 = time.perf_counter()
+    if pending:
+        cuda_here = torch.cuda.is_available() and device != "cpu"
+        n = workers or (torch.cuda.device_count() if cuda_here else min(4, os.cpu_count() or 1))
+        threads = threads_per_worker or (None if scheduler else max(1, (os.cpu_count() or 1) // n))
+        spec = TaskSpec(store=store, workflow=workflow.to_dict(), settings=settings.to_json(), device=device,
+                        threads=threads)
+        with _client(n, scheduler) as client:
+            with contextlib.suppress(Exception):  # no dashboard without bokeh; that is fine
+                summary.dashboard = client.dashboard_link if scheduler or importlib.util.find_spec("bokeh") else None
+            summary.workers = len(client.scheduler_info().get("workers", {})) or n
+            results = _run(client, spec, pending, reader.num_steps, progress, summary.dashboard)
+        summary.devices = [r["device"] for r in results]
+    summary.seconds = time.perf_counter() - t0
+    computed = {p.split: sum(1 for b in pending if b.split == p.split) for p in plans}
+    summary.splits = [_summarise(reader.group, p, computed[p.split]) for p in plans]
+    return summary
+
+
+def _run(client: Any, spec: TaskSpec, pending: list, steps: int, progress: bool,
+         dashboard: str | None) -> list[dict[str, Any]]:
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    if dashboard and progress:
+        print(f"Dask dashboard: {dashboard}", flush=True)
+    futures = [client.submit(run_block, spec, b.split, b.index, b.start, b.stop, steps, pure=False,
+                             key=f"lca-{b.split}-{b.index}-{os.getpid()}-{time.time_ns()}") for b in pending]
+    results = []
+    bar = tqdm(total=len(futures), unit="block", desc="LCA", disable=not progress)
+    try:
+        for future in as_completed(futures):
+            try:
+                results.append(future.result())
+            except LCAError:
+                raise
+            except Exception as e:  # a worker-side failure that is not ours: say which block, keep it short
+                raise LCAError(f"a block task failed on a worker: {type(e).__name__}: {e}") from None
+            bar.update(1)
+    finally:
+        bar.close()
+        for f in futures:
+            if not f.done():
+                f.cancel()
+    return results

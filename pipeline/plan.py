@@ -1,0 +1,125 @@
+"""What to compute: a run's steps cut into blocks aligned with the output chunks, and the arrays they fill.
+
+Following rechunker's plan/execute split, everything that touches shared metadata happens here, on the
+client, before any task runs: creating the `lca/` arrays and checking that earlier results were computed
+with the same settings. Tasks then only write whole chunks that no other task writes, and record their
+block as done last, so a killed task or client leaves nothing half-claimed and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .errors import LCAError
+from .integrate import BlockResult
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that changes the numbers; results computed under other settings are never mixed in."""
+
+    rule: str
+    tol: float
+    max_splits: int
+    precision: str
+    eval_batch_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Block:
+    split: str
+    index: int
+    start: int  # first step (theta_start -> theta_start+1)
+    stop: int   # one past the last step; reads checkpoints start .. stop
+
+
+@dataclass
+class SplitPlan:
+    split: str
+    settings: Settings
+    steps: int
+    block: int
+    blocks: list[Block]
+    pending: list[Block]
+
+
+def array_names(split: str) -> dict[str, str]:
+    """Store paths of one split's results: bare names for the training split, `heldout_` for the other."""
+    prefix = "" if split == "train" else f"{split}_"
+    return {
+        "lca": f"lca/{split}",
+        "loss": f"lca/{prefix}loss",
+        "residual": f"lca/{prefix}residual",
+        "points": f"lca/{prefix}points",
+        "splits": f"lca/{prefix}splits",
+        "done": f"lca/{prefix}blocks_done",
+    }
+
+
+def _compressors() -> list[Any]:
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()]
+
+
+def _create_arrays(root: zarr.Group, split: str, steps: int, size: int, block: int, param_chunk: int,
+                   settings: Settings) -> None:
+    names = array_names(split)
+    nblocks = -(-steps // block)
+    specs = {
+        "lca": ((steps, size), (block, param_chunk), "float32", float("nan")),
+        "loss": ((steps + 1,), (block,), "float64", float("nan")),
+        "residual": ((steps,), (block,), "float64", float("nan")),
+        "points": ((steps,), (block,), "int32", 0),
+        "splits": ((steps,), (block,), "int32", 0),
+    }
+    # The completion record goes first and empty: if planning dies half-way, nothing claims to be done.
+    root.create_array(names["done"], shape=(nblocks,), chunks=(1,), dtype="uint8", fill_value=0,
+                      overwrite=True)
+    for key, (shape, chunks, dtype, fill) in specs.items():
+        root.create_array(names[key], shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                          compressors=_compressors(), overwrite=True)
+    root[names["lca"]].attrs.update({"format": FORMAT, "settings": settings.to_json(), "block": block,
+                                     "steps": steps})
+
+
+def plan_split(root: zarr.Group, split: str, *, steps: int, size: int, block: int, param_chunk: int,
+               settings: Settings, recompute: bool = False) -> SplitPlan:
+    """Create or check the split's arrays and list the blocks still to compute."""
+    names = array_names(split)
+    existing = dict(root[names["lca"]].attrs) if names["lca"] in root else None
+    same = existing is not None and existing.get("settings") == settings.to_json() \
+        and existing.get("block") == block and existing.get("steps") == steps and names["done"] in root
+    if not same or recompute:
+        if existing is not None and not recompute and names["done"] in root \
+                and np.asarray(root[names["done"]][:]).any():
+            old = existing.get("settings", {})
+            diff = ", ".join(f"{k}={old.get(k)!r}" for k, v in settings.to_json().items() if old.get(k) != v)
+            what = diff or f"block={existing.get('block')}, steps={existing.get('steps')}"
+            raise LCAError(f"{split} LCA in this store was computed with {what}; pass --recompute to "
+                           f"replace it with the new settings")
+        _create_arrays(root, split, steps, size, block, param_chunk, settings)
+    done = np.asarray(root[names["done"]][:]).astype(bool)
+    blocks = [Block(split, i, s, min(steps, s + block)) for i, s in enumerate(range(0, steps, block))]
+    return SplitPlan(split, settings, steps, block, blocks, [b for b in blocks if not done[b.index]])
+
+
+def write_block(root: zarr.Group, block: Block, result: BlockResult, steps: int) -> None:
+    """Write one block's rows, then mark it done: the mark is the commit point a rerun trusts."""
+    names = array_names(block.split)
+    s, e = block.start, block.stop
+    root[names["lca"]][s:e] = result.lca
+    # The final checkpoint's loss lives in the last block's chunk, so only the last block writes it.
+    root[names["loss"]][s:e + 1 if e == steps else e] = result.loss if e == steps else result.loss[:-1]
+    root[names["residual"]][s:e] = result.residual
+    root[names["points"]][s:e] = result.points
+    root[names["splits"]][s:e] = result.splits
+    root[names["done"]][block.index] = 1
