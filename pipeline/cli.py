@@ -79,6 +79,8 @@ def _compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--precision", type=click.Choice(["fp32", "tf32", "fp64"]), default=None,
                      help="[default: workflow's]"),
         click.option("--threads-per-worker", type=int, default=None, help="Torch threads per CPU worker."),
+        click.option("--block-steps", type=int, default=None,
+                     help="Steps per task and output chunk [default: the trajectory's chunk]."),
         click.option("--recompute", is_flag=True, help="Recompute blocks already done."),
     ]
     for option in reversed(options):
