@@ -89,7 +89,7 @@ def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
         return
     dashboard = ":0" if importlib.util.find_spec("bokeh") else None
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard,
-                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         yield client
 
 

@@ -251,8 +251,9 @@ def run_cli(*args):
 
 
 def one_error_line(result):
+    """Apart from the progress bar, stderr holds exactly one line: `error: ...`, and no traceback."""
     assert result.returncode != 0
-    lines = [l for l in result.stderr.strip().splitlines() if l]
+    lines = [l for l in result.stderr.replace("\r", "\n").splitlines() if l.strip() and not l.startswith("LCA:")]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 
