@@ -35,6 +35,9 @@ class DataConfig:
     dataset: str = _choice("digits", DATASETS)
     # Where the files are; "" means the default: $LCA_DATA_DIR or ./data (fashion-mnist), $LCA_CIFAR10 (cifar10).
     path: str = ""
+    # 0: the whole training split. N > 0: only its first N samples, for both training and the full-split
+    # loss that LCA integrates (a CPU-sized run of a model whose full split needs a GPU).
+    train_samples: int = 0
     # Only for dataset = "synthetic" (timing runs): sample count, input shape and class count.
     synthetic_samples: int = 1024
     synthetic_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
@@ -191,6 +194,8 @@ def _check_semantics(wf: Workflow, source: str) -> None:
         bad(f"train.chunk_steps must be at least 1, got {t.chunk_steps}")
     if not opt.lr > 0:
         bad(f"optimizer.lr must be positive, got {opt.lr}")
+    if wf.data.train_samples < 0:
+        bad(f"data.train_samples must be 0 (all) or positive, got {wf.data.train_samples}")
     if lca.max_splits not in (2, 4, 8, 16, 32):
         bad(f"lca.max_splits must be one of 2, 4, 8, 16, 32; got {lca.max_splits}")
     if not lca.tol > 0:

@@ -84,6 +84,8 @@ def load_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]
     if cfg.dataset not in loaders:
         raise DataError(f"unknown dataset {cfg.dataset!r}; use one of {', '.join(loaders)}")
     x, y = loaders[cfg.dataset](cfg, split)
+    if split == "train" and cfg.train_samples:
+        x, y = x[:cfg.train_samples], y[:cfg.train_samples]
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
@@ -201,6 +203,8 @@ def _shape_and_classes(cfg: DataConfig) -> tuple[tuple[int, ...], int]:
 def split_size(cfg: DataConfig, split: str) -> int:
     """How many samples a split has, reading as little as the format allows (IDX: only the header)."""
     cfg = resolve_data_config(cfg)
+    if split == "train" and cfg.train_samples:
+        return min(cfg.train_samples, split_size(dataclasses.replace(cfg, train_samples=0), split))
     if cfg.dataset == "cifar10":
         names = CIFAR_MEMBERS[split]
         return sum(len(b[1]) for b in _read_cifar_batches(_cifar_source(cfg), names).values())

@@ -187,3 +187,8 @@ def test_cli_train_missing_workflow(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["train", str(tmp_path / "missing.toml")])
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
+
+
+def test_negative_train_samples_is_rejected() -> None:
+    with pytest.raises(WorkflowError, match="data.train_samples must be 0"):
+        Workflow.from_dict({"train": {"steps": 3}, "data": {"train_samples": -5}})

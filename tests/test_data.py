@@ -328,3 +328,15 @@ def test_synthetic_is_fixed_and_shaped() -> None:
 def test_unknown_split() -> None:
     with pytest.raises(DataError, match="unknown split"):
         load_split(DataConfig(), "test")
+
+
+def test_train_samples_keeps_the_first_n_training_images_only() -> None:
+    import dataclasses
+
+    cfg = resolve_data_config(DataConfig(dataset="fashion-mnist", path=str(REAL_FASHION)))
+    small = dataclasses.replace(cfg, train_samples=2000)
+    x_all, y_all = load_split(cfg, "train")
+    x, y = load_split(small, "train")
+    assert x.shape == (2000, 1, 28, 28) and torch.equal(x, x_all[:2000]) and torch.equal(y, y_all[:2000])
+    assert split_size(small, "train") == 2000 and split_size(small, "heldout") == 10000
+    assert load_split(small, "heldout")[0].shape[0] == 10000  # the held-out split is never cut
