@@ -104,3 +104,28 @@ def test_write_report_opens_the_store(tmp_path, monkeypatch):
     s = write_report("runs/x.zarr", str(tmp_path / "out"))
     assert opened == ["runs/x.zarr"] and s["steps"] == 40
     assert (tmp_path / "out" / "summary.json").exists()
+
+
+def test_lca_report_on_a_real_computed_run(digits_store, tmp_path) -> None:
+    """What `make report` does on the default workflow: a real store, the real CLI, six figures."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.compute import compute_lca
+    from tests.conftest import LCA, ROOT
+
+    store = tmp_path / "run.zarr"
+    shutil.copytree(digits_store, store)
+    compute_lca(str(store), workers=1, progress=False)
+    out = tmp_path / "report"
+    result = subprocess.run(LCA + ["report", str(store), "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert KEYS <= set(summary)
+    assert summary["steps"] == 48 and summary["parameters"] == 12060
+    assert 0.5 < summary["helped_fraction"]["mean"] < 1.0  # early training: most moving parameters help
+    for name in FIGURES:
+        _non_blank(out / FIGURES[name])
+    assert "helped" in result.stdout.lower()
