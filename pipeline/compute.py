@@ -87,8 +87,8 @@ def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
         finally:
             client.close()
         return
-    dashboard = ":0" if importlib.util.find_spec("bokeh") else None
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard,
+    # A random port: two runs on one machine must not fight over 8787 (None does not disable the server).
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         yield client
 
