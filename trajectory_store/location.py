@@ -89,7 +89,8 @@ def check_creatable(loc: Location, overwrite: bool) -> None:
                 if not overwrite:
                     raise StoreError(f"store {loc.name} already exists; pass --overwrite to replace it")
             elif any(p.iterdir()):
-                raise StoreError(f"{loc.name} is a non-empty folder that is not a Zarr store; refusing to write there")
+                raise StoreError(f"{loc.name} is a non-empty folder that is not a Zarr store; "
+                                 "refusing to write there")
         return
     if has_metadata(loc) and not overwrite:
         raise StoreError(f"store {loc.name} already exists; pass --overwrite to replace it")

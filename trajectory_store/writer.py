@@ -6,6 +6,10 @@ commits. The commit is the `checkpoints` attribute of the `trajectory` group: it
 as a whole file) only after the params rows and the per-step entries it covers are on disk, so a run killed
 at any instant leaves a store whose count can be trusted. The bounded queue is the back-pressure: a trainer
 faster than the disk blocks on `record` rather than growing memory without limit.
+
+Durability is against a killed process (SIGKILL, OOM), not power loss: nothing is fsynced, which would cost
+more than it protects for a run that can be retrained. A kill can leave `*.partial` temp files beside chunks;
+they are never read.
 """
 
 from __future__ import annotations
