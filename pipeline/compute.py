@@ -87,6 +87,10 @@ def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
         finally:
             client.close()
         return
+    # After a failed run, multiprocessing's resource tracker may report the nannies' semaphores as "leaked"
+    # while it cleans them up itself; that noise would bury the one-line error. The tracker process reads
+    # its warning filters from the environment, so the filter has to go there.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
     # A random port: two runs on one machine must not fight over 8787 (None does not disable the server).
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:

@@ -202,7 +202,9 @@ def test_killed_worker_process_run_still_completes_identically(slow_reference, s
 def test_interrupted_client_resumes_to_the_same_result(slow_reference, store_copy):
     store = store_copy()
     cmd = LCA + ["compute", store, "--workers", "1", *SLOW, "--block-steps", "8"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background jobs inherit SIGINT as ignored; give the client a terminal's default disposition.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_blocks(store, 1, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
