@@ -1,9 +1,10 @@
 """`lca bench`: one run on one machine measures where LCA's time goes and what exactness it keeps.
 
 Five tables, printed as each section finishes and written together to `<out>/bench.json` (one list of row
-dicts per section, plus `meta`). Seconds are medians over several repetitions after warm-up; on CUDA every
-timed region ends in `torch.cuda.synchronize()`. Smoke mode (`--smoke`, for CI) uses tiny sample counts:
-it checks that the table is produced, not how fast anything is.
+dicts per section, plus `meta`). Seconds are medians over several repetitions after warm-up, the candidates of one
+row timed round-robin so that load on a shared machine hits them alike; on CUDA every timed region ends in
+`torch.cuda.synchronize()`. Smoke mode (`--smoke`, for CI) uses tiny sample counts and one torch thread:
+it checks that the table is produced, not how fast anything is. On a CPU other jobs share, expect noise.
 
 How to read the table
 ---------------------
@@ -91,13 +92,14 @@ class Plan:
     train_steps: int
     train_reps: int
     workers: int | None         # None: compute_lca's default (one per GPU)
+    threads: int | None = None  # torch threads here and per Dask worker; None: leave torch's default
 
 
 def make_plan(smoke: bool, cuda: bool, fashion: bool) -> Plan:
     if smoke:
         return Plan({"fc": 2048, "lenet": 64, "resnet20": 16}, warmup=0, reps=2, peak_n=2048 if not cuda else 4096,
                     digits_steps=48, digits_chunk=16, fashion_steps=0, fashion_chunk=16,
-                    train_workflow="digits-fc", train_steps=128, train_reps=1, workers=1)
+                    train_workflow="digits-fc", train_steps=128, train_reps=1, workers=1, threads=1)
     if cuda:
         return Plan({"fc": 60000, "lenet": 60000, "resnet20": 50000}, warmup=3, reps=10, peak_n=8192,
                     digits_steps=300, digits_chunk=64, fashion_steps=480 if fashion else 0, fashion_chunk=64,
@@ -131,6 +133,24 @@ def median_seconds(fn: Callable[[], Any], *, reps: int, warmup: int, device: tor
         _sync(device)
         times.append(time.perf_counter() - t0)
     return float(statistics.median(times))
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, reps: int, warmup: int,
+                        device: torch.device) -> dict[str, float]:
+    """Like `median_seconds` for several functions timed round-robin, so that a load change on a shared
+    machine hits every candidate alike instead of whichever happened to be running."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {k: float(statistics.median(v)) for k, v in times.items()}
 
 
 def matmul_peak(device: torch.device, precision: str, n: int, reps: int) -> float:
@@ -289,18 +309,29 @@ def bench_gradient(plan: Plan, device: torch.device, peaks: dict[str, float | No
         ref = ReferenceEvaluator(model, inputs, targets, batch_size=ref_batch, device=device)
         _, g_ref = ref.loss_and_grad(points[0])
         cycle = iter(range(10 ** 9))
-        ref_s = median_seconds(lambda: ref.loss_and_grad(points[next(cycle) % 16]), reps=plan.reps,
-                               warmup=plan.warmup, device=device)
-        del ref
+        fns: dict[str, Callable[[], Any]] = {"ref": lambda: ref.loss_and_grad(points[next(cycle) % 16])}
+        evaluators: dict[str, Any] = {}
+        diffs: dict[str, float] = {}
         for variant, kw in _variants(arch, cuda):
             ev = Evaluator(model, layout, inputs, targets, batch_size=ours_batch, device=device, **kw)
-            k = ev.points_per_pass
-            # set_precision is process-wide and set only when an Evaluator is built: re-assert it per variant.
+            evaluators[variant] = ev
+            # set_precision is process-wide and set only when an Evaluator is built: assert it per call.
             set_precision(ev.precision)  # type: ignore[arg-type]
-            _, g_ours = ev.loss_and_grad(points[:k])
-            ours_s = median_seconds(lambda: ev.loss_and_grad(points[:k]), reps=plan.reps, warmup=plan.warmup,
-                                    device=device) / k
-            diff = float(np.abs(g_ours[0] - g_ref).max() / max(np.abs(g_ref).max(), 1e-30))
+            _, g_ours = ev.loss_and_grad(points[:ev.points_per_pass])
+            diffs[variant] = float(np.abs(g_ours[0] - g_ref).max() / max(np.abs(g_ref).max(), 1e-30))
+
+            def call(ev: Any = ev) -> None:
+                set_precision(ev.precision)
+                ev.loss_and_grad(points[:ev.points_per_pass])
+                set_precision("fp32")
+
+            fns[variant] = call
+        set_precision("fp32")
+        times = interleaved_medians(fns, reps=plan.reps, warmup=plan.warmup, device=device)
+        ref_s = times["ref"]
+        for variant, ev in evaluators.items():
+            k = ev.points_per_pass
+            ours_s = times[variant] / k
             rows.append({
                 "model": labels[arch], "arch": arch, "variant": variant, "samples": n, "params": layout.size,
                 "ref_batch": ref_batch, "ours_batch": min(ours_batch, n),
@@ -310,10 +341,9 @@ def bench_gradient(plan: Plan, device: torch.device, peaks: dict[str, float | No
                 "ref_tflops": flop / ref_s / 1e12, "ours_tflops": flop / ours_s / 1e12,
                 "frac_fp32_peak": flop / ours_s / peaks["fp32"] if peaks.get("fp32") else None,
                 "frac_tf32_peak": flop / ours_s / peaks["tf32"] if peaks.get("tf32") else None,
-                "max_rel_diff": diff,
+                "max_rel_diff": diffs[variant],
             })
-            del ev
-            set_precision("fp32")
+        del ref, evaluators, fns
         del inputs, targets
         if cuda:
             torch.cuda.empty_cache()
@@ -406,6 +436,7 @@ def bench_lca(runs: Sequence[tuple[str, Path]], plan: Plan, device: torch.device
         if device.type == "cuda":
             torch.cuda.empty_cache()
         summary = compute_lca(str(store), workers=plan.workers, device=device.type, recompute=True,
+                              threads_per_worker=plan.threads if device.type == "cpu" else None,
                               progress=False)
         sp = summary.splits[0]
         rows.append({
@@ -697,13 +728,18 @@ def run_bench(*, smoke: bool = False, out: str = "bench-out", device: str = "aut
         torch.backends.cudnn.benchmark = True  # both sides autotune (TF's default did too)
     fashion = (not smoke) and _fashion_available()
     plan = make_plan(smoke, cuda, fashion)
+    threads_before = torch.get_num_threads()
+    if plan.threads and not cuda:
+        # Smoke runs on shared 2-core CI machines: one thread keeps OpenMP from spinning against other jobs,
+        # which otherwise makes the tiny smoke sizes 10-50x slower and the test's run time unpredictable.
+        torch.set_num_threads(plan.threads)
     out_dir = Path(out)
     scratch = out_dir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
 
     notes = []
     if smoke:
-        notes.append("smoke sizes: timings of tiny sets are dominated by overhead; do not quote them")
+        notes.append("smoke: tiny sizes and 1 torch thread; timings are dominated by overhead, do not quote them")
     elif not cuda:
         notes.append(f"CPU sizes: LeNet and ResNet-20 on {plan.samples['lenet']} / {plan.samples['resnet20']} "
                      f"synthetic samples (not 60k / 50k); fashion-fc LCA run truncated to {plan.fashion_steps} steps")
@@ -749,6 +785,7 @@ def run_bench(*, smoke: bool = False, out: str = "bench-out", device: str = "aut
         emit("storage", bench_storage(check))
     finally:
         set_precision("fp32")
+        torch.set_num_threads(threads_before)
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\nwrote {out_dir / 'bench.json'}", flush=True)
     return _jsonable(result)

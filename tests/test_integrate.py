@@ -170,3 +170,30 @@ def test_cpu_results_do_not_depend_on_how_points_are_grouped():
     _, all_at_once = ev.loss_and_grad(rows)
     _, in_pieces = ev.loss_and_grad(rows[2:5])
     assert np.array_equal(all_at_once[2:5], in_pieces)
+
+
+def test_conv_model_channels_last_path_agrees_with_plain_float64_autograd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    x, y = torch.randn(50, 1, 8, 8), torch.randint(0, 3, (50,))
+    layout = ParamLayout.from_model(model)
+    ev = Evaluator(model, layout, x, y, batch_size=50)
+    assert ev.mode == "loop" and ev.channels_last
+    theta = layout.flatten(model)
+    loss, grad = ev.loss_and_grad(theta)
+
+    plain = __import__("copy").deepcopy(model).double()
+    plain[1].track_running_stats, plain[1].running_mean, plain[1].running_var = False, None, None
+    value = nn.functional.cross_entropy(plain(x.double()), y)
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(plain.parameters()))]).numpy()
+    np.testing.assert_allclose(loss[0], value.item(), rtol=1e-5)
+    np.testing.assert_allclose(grad[0], expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
+def test_each_evaluator_computes_in_its_own_precision():
+    model, layout, x, y, rows = small_problem()
+    fp32 = Evaluator(model, layout, x, y, batch_size=40, precision="fp32")
+    Evaluator(model, layout, x, y, batch_size=40, precision="tf32")  # flips torch's process-wide flags
+    fp32.loss_and_grad(rows[:1])
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
