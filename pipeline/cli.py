@@ -114,7 +114,9 @@ def compute(store: str, **kw: Any) -> None:
 def run(workflow: str, store: str | None, **kw: Any) -> None:
     """Train WORKFLOW if its store does not exist yet, then compute LCA (what `make lca` runs)."""
     from .config import load_workflow
-    from .train import store_exists, train as run_train
+    from trajectory_store import store_exists
+
+    from .train import train as run_train
 
     store = store or _default_store(workflow)
     wf = load_workflow(workflow)

@@ -21,7 +21,6 @@ from torch import nn
 from tqdm import tqdm
 
 from trajectory_store import TrajectoryWriter
-from trajectory_store import store_exists as _store_exists
 
 from .config import OptimizerConfig, ScheduleConfig, Workflow
 from .data import dataset_spec, load_split, resolve_data_config, split_size
@@ -43,14 +42,6 @@ class TrainResult:
         return (f"trained {self.workflow!r} for {self.steps} steps ({self.num_parameters:,} parameters, "
                 f"{self.device}) in {self.seconds:.1f} s; final minibatch loss {self.final_loss:.4f}; "
                 f"{self.steps + 1} checkpoints in {self.store}")
-
-
-def store_exists(store: str) -> bool:
-    """Whether a store is already at `store` (path or fsspec URL): `lca run` trains only when it is not.
-
-    The store package's own test, so "exists" means exactly what makes `train` ask for overwrite.
-    """
-    return _store_exists(store)
 
 
 def pick_device(name: str) -> torch.device:
