@@ -74,8 +74,10 @@ def test_gradient_rows_are_consistent(smoke):
         assert r["frac_fp32_peak"] == pytest.approx(
             r["ours_tflops"] / smoke[0]["meta"]["peak_fp32_tflops"], rel=1e-9)
         assert r["frac_tf32_peak"] is None
-        # Both evaluators compute the same gradient (fp32 on CPU): a check on the reference-style code.
-        assert 0 <= r["max_rel_diff"] < 1e-4
+        # Both evaluators compute the same gradient: a check on the reference-style code, whose mistakes
+        # would show as differences of order 1. On ResNet-20 over 16 smoke samples both are ~1e-3 from a
+        # float64 gradient (measured: NCHW 9.5e-4, our channels_last 1.0e-3), so they differ by that much.
+        assert 0 <= r["max_rel_diff"] < 1e-2
     fc = next(r for r in rows if r["arch"] == "fc")
     # 784-100-50-10: 2 FLOPs per multiply-add, forward + weight gradients + input gradients of layers 2, 3.
     macs = 784 * 100 + 100 * 50 + 50 * 10
