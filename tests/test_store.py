@@ -360,3 +360,14 @@ def test_checksum_in_metadata_and_corruption_is_caught(tmp_path: Path) -> None:
     assert r.params(0, 4).shape[0] == 4  # other chunks still read
     with pytest.raises(StoreError, match="trajectory/params"):
         r.params(0, 10)
+
+
+@pytest.mark.parametrize("steps", [None, 0])
+@pytest.mark.parametrize("bits", [0x7FC00001, 0xFFC00000, 0x7F800001, 0xFFFFFFFF])
+def test_a_chunk_of_only_non_canonical_nans_keeps_its_bits(tmp_path, steps, bits):
+    """zarr skips chunks that equal the NaN fill value unless told not to; the payload must survive."""
+    row = np.array([bits], dtype=np.uint32).view(np.float32)
+    layout = ParamLayout.from_named_shapes([("w", (1,))])
+    with TrajectoryWriter.create(str(tmp_path / "s.zarr"), layout, initial=row, steps=steps):
+        pass
+    assert open_trajectory(str(tmp_path / "s.zarr")).params().view(np.uint32)[0, 0] == bits

@@ -119,10 +119,13 @@ class TrajectoryWriter:
         self._chunk_steps = chunk_steps
         self._batch_size = batch_size
         self._flush_seconds = flush_seconds
-        self._params = self._traj["params"]
-        self._loss = self._traj["minibatch_loss"]
-        self._lr = self._traj["lr"]
-        self._indices = self._traj["batch_indices"] if "batch_indices" in self._traj else None
+        # zarr keeps `write_empty_chunks` per handle, not in the metadata: without it a chunk that "equals"
+        # the NaN fill (any NaN payload) is skipped and reads back as the canonical NaN, not bit-exact.
+        self._params = self._traj["params"].with_config(_ZARR_CONFIG)
+        self._loss = self._traj["minibatch_loss"].with_config(_ZARR_CONFIG)
+        self._lr = self._traj["lr"].with_config(_ZARR_CONFIG)
+        self._indices = self._traj["batch_indices"].with_config(_ZARR_CONFIG) \
+            if "batch_indices" in self._traj else None
         # Writer-thread state: rows [buf_start, buf_start + buf_n) are buffered, rows < committed are on disk.
         self._buf = np.empty((chunk_steps, self._P), dtype=np.float32)
         self._buf_start = 0
@@ -185,7 +188,7 @@ class TrajectoryWriter:
         check_creatable(loc, overwrite)
         root_attrs: dict[str, Any] = {
             "format_version": FORMAT_VERSION, "workflow": None, **user_attrs, "layout": layout.to_json(),
-            "versions": library_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": library_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         }
         root = _create_arrays(loc, layout, root_attrs, steps=steps, batch_size=batch_size,
                               chunk_steps=int(chunk_steps), overwrite=overwrite)
@@ -285,7 +288,8 @@ class TrajectoryWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             e = self._error
-            raise StoreError(f"writing {self.path} failed: {type(e).__name__}: {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # one line; the cause is chained
+            raise StoreError(f"writing {self.path} failed: {type(e).__name__}: {first}") from e
 
     def _put(self, item: Any) -> None:
         while True:
