@@ -3,7 +3,7 @@
 Importing the package registers the `ds.lca` xarray accessor (pipeline/analysis.py).
 """
 
-from . import analysis  # registers the ds.lca accessor
+from . import analysis  # noqa: F401 - imported for its effect: registers the ds.lca accessor
 from .dataset import describe, open_lca
 
 __all__ = ["open_lca", "describe"]

@@ -15,11 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 
 from .config import Workflow
 from .errors import LCAError
-from .plan import Settings, SplitPlan, array_names, plan_split
+from .plan import Settings, SplitPlan, plan_split, split_stats
 from .worker import TaskSpec, run_block
 
 CONNECT_TIMEOUT_S = 10
@@ -98,17 +97,9 @@ def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
 
 
 def _summarise(root: Any, plan: SplitPlan, computed: int) -> SplitSummary:
-    names = array_names(plan.split)
-    residual = np.asarray(root[names["residual"]][:])
-    points = np.asarray(root[names["points"]][:])
-    done = np.isfinite(residual)
-    r = np.abs(residual[done])
-    return SplitSummary(
-        plan.split, plan.steps, len(plan.blocks), computed,
-        float(r.max()) if r.size else float("nan"), float(r.mean()) if r.size else float("nan"),
-        float((r <= plan.settings.tol).mean()) if r.size else float("nan"),
-        float(points[done].mean()) if r.size else float("nan"),
-    )
+    st = split_stats(root, plan.split, plan.settings.tol)
+    return SplitSummary(plan.split, plan.steps, len(plan.blocks), computed, st.residual_abs_max,
+                        st.residual_abs_mean, st.within_tol, st.points_mean)
 
 
 def compute_lca(
@@ -154,6 +145,7 @@ def compute_lca(
             raise LCAError(f"{store} records no workflow, so its model and data are unknown; pass the "
                            f"workflow that describes them (compute_lca(..., workflow=load_workflow(FILE)))")
         workflow = Workflow.from_dict(reader.workflow, f"workflow stored in {store}")
+    # `splits` goes through the workflow schema too, so a bad split name is the same one-line error.
     settings = resolve_settings(workflow, rule=rule, tol=tol, max_splits=max_splits, precision=precision,
                                 splits=list(splits) if splits else None)
     split_names = list(splits) if splits else list(workflow.lca.splits)
@@ -169,7 +161,8 @@ def compute_lca(
         cuda_here = torch.cuda.is_available() and device != "cpu"
         n = workers or (torch.cuda.device_count() if cuda_here else min(4, os.cpu_count() or 1))
         threads = threads_per_worker or (None if scheduler else max(1, (os.cpu_count() or 1) // n))
-        spec = TaskSpec(store=store, workflow=workflow.to_dict(), settings=settings.to_json(), device=device,
+        spec = TaskSpec(store=store, created=str(reader.attrs.get("created", "")), workflow=workflow.to_dict(),
+                        settings=settings.to_json(), device=device,
                         threads=threads)
         with _client(n, scheduler) as client:
             with contextlib.suppress(Exception):  # no dashboard without bokeh; that is fine
@@ -201,7 +194,8 @@ def _run(client: Any, spec: TaskSpec, pending: list, steps: int, progress: bool,
             except LCAError:
                 raise
             except Exception as e:  # a worker-side failure that is not ours: say which block, keep it short
-                raise LCAError(f"a block task failed on a worker: {type(e).__name__}: {e}") from None
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise LCAError(f"a block task failed on a worker: {type(e).__name__}: {first}") from None
             bar.update(1)
     finally:
         bar.close()

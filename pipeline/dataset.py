@@ -15,12 +15,12 @@ import numpy as np
 import xarray as xr
 
 from .errors import LCAError
-from .plan import array_names
+from .plan import array_names, split_prefix, split_stats
 
 
 def _split_variables(root: Any, split: str, layout: Any, steps: int) -> dict[str, tuple]:
     names = array_names(split)
-    prefix = "" if split == "train" else f"{split}_"
+    prefix = split_prefix(split)
     lca = da.from_zarr(root[names["lca"]])
     # Layers are contiguous column ranges, so per-layer sums are slices, accumulated in float64.
     by_layer = da.stack([lca[:, t.offset:t.offset + t.size].sum(axis=1, dtype=np.float64)
@@ -105,18 +105,13 @@ def describe(path: str) -> str:
     for split in splits:
         names = array_names(split)
         settings = root[names["lca"]].attrs.get("settings", {})
-        flags = np.asarray(root[names["done"]][:]).astype(bool)
-        residual = np.asarray(root[names["residual"]][:])
-        points = np.asarray(root[names["points"]][:])
-        ok = np.isfinite(residual)
-        r = np.abs(residual[ok])
-        lines.append(f"lca/{split:<7} {flags.sum()}/{flags.size} blocks done "
-                     f"({100 * flags.mean():.0f}%); rule {settings.get('rule')}, tol {settings.get('tol')}, "
-                     f"{settings.get('precision')}")
-        if r.size:
-            tol = float(settings.get("tol", np.inf))
-            lines.append(f"  residual  |r| max {r.max():.3e}, mean {r.mean():.3e}, median {np.median(r):.3e}; "
-                         f"{100 * (r <= tol).mean():.1f}% of steps within tol")
-            lines.append(f"  points    {points[ok].mean():.3f} gradient evaluations per step "
-                         f"(max {points[ok].max()})")
+        tol = float(settings.get("tol", np.inf))
+        st = split_stats(root, split, tol)
+        lines.append(f"lca/{split:<7} {st.blocks_done}/{st.blocks_total} blocks done "
+                     f"({100 * st.blocks_done / st.blocks_total:.0f}%); rule {settings.get('rule')}, "
+                     f"tol {settings.get('tol')}, {settings.get('precision')}")
+        if st.steps_done:
+            lines.append(f"  residual  |r| max {st.residual_abs_max:.3e}, mean {st.residual_abs_mean:.3e}, "
+                         f"median {st.residual_abs_median:.3e}; {100 * st.within_tol:.1f}% of steps within tol")
+            lines.append(f"  points    {st.points_mean:.3f} gradient evaluations per step (max {st.points_max})")
     return "\n".join(lines)

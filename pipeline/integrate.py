@@ -101,7 +101,7 @@ def integrate_block(
             out.points[t] += 2
             g_start = grad_new[j]
 
-        while active:
+        while True:
             for t, st in list(active.items()):
                 mean_grad = (st.ends + 4.0 * st.odd + 2.0 * st.even) / (3.0 * st.n)
                 out.lca[t], out.residual[t] = _lca_and_residual(st.delta, mean_grad, out.loss[t + 1] - out.loss[t])

@@ -53,9 +53,14 @@ class SplitPlan:
     pending: list[Block]
 
 
+def split_prefix(split: str) -> str:
+    """Names of the training split's results are bare; the held-out split's carry `heldout_`."""
+    return "" if split == "train" else f"{split}_"
+
+
 def array_names(split: str) -> dict[str, str]:
-    """Store paths of one split's results: bare names for the training split, `heldout_` for the other."""
-    prefix = "" if split == "train" else f"{split}_"
+    """Store paths of one split's results."""
+    prefix = split_prefix(split)
     return {
         "lca": f"lca/{split}",
         "loss": f"lca/{prefix}loss",
@@ -110,6 +115,39 @@ def plan_split(root: zarr.Group, split: str, *, steps: int, size: int, block: in
     done = np.asarray(root[names["done"]][:]).astype(bool)
     blocks = [Block(split, i, s, min(steps, s + block)) for i, s in enumerate(range(0, steps, block))]
     return SplitPlan(split, settings, steps, block, blocks, [b for b in blocks if not done[b.index]])
+
+
+@dataclass
+class SplitStats:
+    """How complete and how exact one split's LCA is: what `lca compute` and `lca info` both print."""
+
+    blocks_done: int
+    blocks_total: int
+    steps_done: int
+    residual_abs_max: float
+    residual_abs_mean: float
+    residual_abs_median: float
+    within_tol: float        # fraction of finished steps with |residual| <= tol (NaN residuals count as not)
+    points_mean: float
+    points_max: int
+
+
+def split_stats(root: zarr.Group, split: str, tol: float) -> SplitStats:
+    """Statistics over the steps of finished blocks (the completion record, not the values, says which)."""
+    names = array_names(split)
+    done = np.asarray(root[names["done"]][:]).astype(bool)
+    block = int(root[names["lca"]].attrs["block"])
+    steps = int(root[names["residual"]].shape[0])
+    mask = np.repeat(done, block)[:steps]
+    r = np.abs(np.asarray(root[names["residual"]][:])[mask])
+    points = np.asarray(root[names["points"]][:])[mask]
+    nan = float("nan")
+    return SplitStats(
+        int(done.sum()), int(done.size), int(mask.sum()),
+        float(np.nanmax(r)) if r.size else nan, float(np.nanmean(r)) if r.size else nan,
+        float(np.nanmedian(r)) if r.size else nan, float((r <= tol).mean()) if r.size else nan,
+        float(points.mean()) if r.size else nan, int(points.max()) if r.size else 0,
+    )
 
 
 def write_block(root: zarr.Group, block: Block, result: BlockResult, steps: int) -> None:

@@ -20,7 +20,7 @@ from .errors import LCAError
 
 _LOCK = threading.Lock()
 _EVALUATORS: dict[tuple, Any] = {}
-_THREADS_SET: list[int] = []
+_READERS: dict[tuple, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class TaskSpec:
     """What a block task needs besides the block: all JSON-able, so it travels cheaply to any worker."""
 
     store: str
+    created: str  # the store's creation stamp: a store retrained at the same path is a different store
     workflow: dict[str, Any]
     settings: dict[str, Any]
     device: str = "auto"
@@ -56,44 +57,52 @@ def resolve_device(preference: str) -> torch.device:
     return torch.device("cuda", _worker_ordinal() % torch.cuda.device_count())
 
 
+def _reader(spec: TaskSpec):
+    """One open store per worker process: its layout and attributes are read once, not per task."""
+    from trajectory_store import open_trajectory
+
+    with _LOCK:
+        if (spec.store, spec.created) not in _READERS:
+            _READERS[(spec.store, spec.created)] = open_trajectory(spec.store)
+        return _READERS[(spec.store, spec.created)]
+
+
 def get_evaluator(spec: TaskSpec, split: str):
-    """The worker's cached evaluator for (store, split, settings, device); built on first use."""
+    """The worker's cached evaluator; only what changes L (store, split, precision, batch size) keys it."""
     from .config import Workflow
     from .data import load_split
     from .evaluate import Evaluator
     from .models import build_model
-    from trajectory_store import open_trajectory
 
-    if spec.threads and spec.threads not in _THREADS_SET:
+    if spec.threads and torch.get_num_threads() != spec.threads:
         torch.set_num_threads(spec.threads)
-        _THREADS_SET.append(spec.threads)
     device = resolve_device(spec.device)
-    key = (spec.store, split, tuple(sorted(spec.settings.items())), str(device))
+    key = (spec.store, spec.created, split, spec.settings["precision"], spec.settings["eval_batch_size"],
+           str(device))
+    reader = _reader(spec)
     with _LOCK:
         if key not in _EVALUATORS:
             wf = Workflow.from_dict(spec.workflow, f"workflow stored in {spec.store}")
             inputs, targets = load_split(wf.data, split)
-            num_classes = int(open_trajectory(spec.store).attrs.get("dataset", {}).get("num_classes", 0)) \
-                or int(targets.max()) + 1
+            num_classes = int(reader.attrs.get("dataset", {}).get("num_classes", 0)) or int(targets.max()) + 1
             torch.manual_seed(wf.seed)  # the weights are replaced by the trajectory's; this only fixes shapes
             model = build_model(wf.model, tuple(inputs.shape[1:]), num_classes)
             _EVALUATORS[key] = Evaluator(
-                model, open_trajectory(spec.store).layout, inputs, targets,
-                batch_size=spec.settings["eval_batch_size"], device=device,
-                precision=spec.settings["precision"],
+                model, reader.layout, inputs, targets, batch_size=spec.settings["eval_batch_size"],
+                device=device, precision=spec.settings["precision"],
             )
         return _EVALUATORS[key]
 
 
 def run_block(spec: TaskSpec, split: str, index: int, start: int, stop: int, steps: int) -> dict[str, Any]:
     """Compute and write one block; returns small statistics for the client's summary."""
-    from trajectory_store import open_trajectory
-
     from .integrate import integrate_block
     from .plan import Block, write_block
 
     t0 = time.perf_counter()
-    reader = open_trajectory(spec.store)
+    reader = _reader(spec)
+    if stop + 1 > reader.num_checkpoints:  # the run was extended since this worker opened it
+        reader.refresh()
     rows = reader.params(start, stop + 1)
     finite = np.isfinite(rows).all(axis=1)
     if not finite.all():

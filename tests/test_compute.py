@@ -1,6 +1,5 @@
 """The LCA phase end to end: conservation, exactness, determinism, and every fault the issue names."""
 
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,7 @@ import zarr
 from pipeline import open_lca
 from pipeline.compute import compute_lca
 from pipeline.errors import LCAError
-from trajectory_store import StoreError, open_trajectory
+from trajectory_store import open_trajectory
 
 from .conftest import LCA, ROOT
 

@@ -50,6 +50,20 @@ def test_lca_of_a_quadratic_matches_the_closed_form():
     np.testing.assert_allclose(out.lca, expected, rtol=2e-6, atol=1e-6)
 
 
+def test_simpson_is_exact_when_the_gradient_is_cubic_along_the_path():
+    """L = sum(theta^4)/4 has gradient theta^3, cubic in s: Simpson at n = 2 is exact, the trapezoid rule
+    or any other wrong weights summing to one are not. Exact LCA: (b^4 - a^4) / 4 for each parameter."""
+
+    def grad_fn(thetas):
+        thetas = np.atleast_2d(thetas)
+        return (thetas ** 4).sum(axis=1) / 4, thetas ** 3
+
+    rows = trajectory(size=20, steps=6)
+    out = integrate_block(grad_fn, rows, rule="rk4", tol=1e-30, max_splits=2)
+    a, b = rows[:-1].astype(np.float64), rows[1:].astype(np.float64)
+    np.testing.assert_allclose(out.lca, (b ** 4 - a ** 4) / 4, rtol=1e-5, atol=1e-6)
+
+
 def test_adaptive_refinement_reuses_points_and_meets_tolerance():
     # A quartic loss: Simpson is not exact, so refinement must kick in.
     def grad_fn(thetas):

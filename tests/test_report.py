@@ -110,7 +110,6 @@ def test_lca_report_on_a_real_computed_run(digits_store, tmp_path) -> None:
     """What `make report` does on the default workflow: a real store, the real CLI, six figures."""
     import shutil
     import subprocess
-    import sys
 
     from pipeline.compute import compute_lca
     from tests.conftest import LCA, ROOT
