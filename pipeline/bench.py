@@ -443,9 +443,9 @@ def bench_lca(runs: Sequence[tuple[str, Path]], plan: Plan, device: torch.device
             "run": run, "steps": int(reader.num_steps), "params": int(reader.layout.size), "samples": samples,
             "device": ",".join(sorted(set(summary.devices))) or device.type, "workers": int(summary.workers),
             "block_steps": int(reader.chunk_steps), "tol": float(summary.settings.tol),
-            "points_per_step": float(sp.points_mean),
+            "points_per_step": float(sp.stats.points_mean),
             "points_per_step_in_process": float(np.concatenate(points).mean()),
-            "within_tol": float(sp.within_tol), "max_abs_residual": float(sp.residual_abs_max),
+            "within_tol": float(sp.stats.within_tol), "max_abs_residual": float(sp.stats.residual_abs_max),
             "in_process_s": inproc_s, "in_process_steps_per_s": reader.num_steps / inproc_s,
             "dask_s": float(summary.seconds), "dask_steps_per_s": reader.num_steps / summary.seconds,
         })

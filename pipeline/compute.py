@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 from .config import Workflow
 from .errors import LCAError
-from .plan import Settings, SplitPlan, plan_split, split_stats
+from .plan import Settings, SplitStats, plan_split, split_stats
 from .worker import TaskSpec, run_block
 
 CONNECT_TIMEOUT_S = 10
@@ -28,12 +28,8 @@ CONNECT_TIMEOUT_S = 10
 class SplitSummary:
     split: str
     steps: int
-    blocks_total: int
-    blocks_computed: int
-    residual_abs_max: float
-    residual_abs_mean: float
-    within_tol: float
-    points_mean: float
+    blocks_computed: int  # by this call; the rest were done before
+    stats: SplitStats     # over every finished block
 
 
 @dataclass
@@ -50,13 +46,14 @@ class ComputeSummary:
         s = self.settings
         lines = [f"LCA ({s.rule}, tol {s.tol:g}, max splits {s.max_splits}, {s.precision}) for {self.store}"]
         for sp in self.splits:
-            steps_per_s = sp.steps * sp.blocks_computed / max(sp.blocks_total, 1) / self.seconds \
+            st = sp.stats
+            steps_per_s = sp.steps * sp.blocks_computed / max(st.blocks_total, 1) / self.seconds \
                 if self.seconds > 0 and sp.blocks_computed else float("nan")
             lines.append(
-                f"  {sp.split}: {sp.steps} steps in {sp.blocks_total} blocks ({sp.blocks_computed} computed now, "
-                f"{steps_per_s:.1f} steps/s); |residual| max {sp.residual_abs_max:.2e} mean "
-                f"{sp.residual_abs_mean:.2e}; {100 * sp.within_tol:.1f}% within tol; "
-                f"{sp.points_mean:.3f} gradient evaluations per step")
+                f"  {sp.split}: {sp.steps} steps in {st.blocks_total} blocks ({sp.blocks_computed} computed now, "
+                f"{steps_per_s:.1f} steps/s); |residual| max {st.residual_abs_max:.2e} mean "
+                f"{st.residual_abs_mean:.2e}; {100 * st.within_tol:.1f}% within tol; "
+                f"{st.points_mean:.3f} gradient evaluations per step")
         if self.workers:
             lines.append(f"  {self.workers} worker(s) on {', '.join(sorted(set(self.devices))) or 'n/a'}, "
                          f"{self.seconds:.1f} s")
@@ -94,12 +91,6 @@ def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         yield client
-
-
-def _summarise(root: Any, plan: SplitPlan, computed: int) -> SplitSummary:
-    st = split_stats(root, plan.split, plan.settings.tol)
-    return SplitSummary(plan.split, plan.steps, len(plan.blocks), computed, st.residual_abs_max,
-                        st.residual_abs_mean, st.within_tol, st.points_mean)
 
 
 def compute_lca(
@@ -172,7 +163,8 @@ def compute_lca(
         summary.devices = [r["device"] for r in results]
     summary.seconds = time.perf_counter() - t0
     computed = {p.split: sum(1 for b in pending if b.split == p.split) for p in plans}
-    summary.splits = [_summarise(reader.group, p, computed[p.split]) for p in plans]
+    summary.splits = [SplitSummary(p.split, p.steps, computed[p.split],
+                                   split_stats(reader.group, p.split, p.settings.tol)) for p in plans]
     return summary
 
 

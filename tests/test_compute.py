@@ -58,7 +58,7 @@ def test_conservation_at_the_default_tolerance(reference):
     assert ds.attrs["blocks_done"] == ds.attrs["blocks_total"] == 3
     # Two new evaluations per step plus one per block at n = 2; refinement only where needed.
     assert 2.0 < ds["points"].mean() < 2.5
-    assert summary.splits[0].within_tol == 1.0
+    assert summary.splits[0].stats.within_tol == 1.0
 
 
 def test_per_parameter_agreement_with_plain_float64_autograd(reference):
