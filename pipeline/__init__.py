@@ -1,9 +1,12 @@
-"""Loss Change Allocation for PyTorch training: train -> store -> compute -> dataset -> analysis.
+"""Loss Change Allocation for PyTorch training: workflow -> train -> store -> compute -> dataset -> analysis.
 
-Importing the package registers the `ds.lca` xarray accessor (pipeline/analysis.py).
+The public API lives here; the phases are subpackages (`problem`, `train`, `lca`, `analysis`, `bench`).
+Importing the package registers the `ds.lca` xarray accessor.
 """
 
-from . import analysis  # noqa: F401 - imported for its effect: registers the ds.lca accessor
-from .dataset import describe, open_lca
+from pipeline.analysis import describe, open_lca
+from pipeline.config import Workflow, load_workflow
+from pipeline.lca import compute_lca
+from pipeline.train import train
 
-__all__ = ["open_lca", "describe"]
+__all__ = ["Workflow", "compute_lca", "describe", "load_workflow", "open_lca", "train"]

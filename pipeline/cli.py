@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import USER_ERRORS
+from pipeline.errors import USER_ERRORS
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,7 +46,7 @@ def main() -> None:
 @_user_errors
 def data(name: str, dest: str) -> None:
     """Fetch a data set that cannot be downloaded at run time (Debian's dataset-fashion-mnist)."""
-    from .data import fetch_fashion_mnist
+    from pipeline.problem.data import fetch_fashion_mnist
 
     path = fetch_fashion_mnist(Path(dest))
     click.echo(f"fashion-mnist ready in {path}")
@@ -59,8 +59,8 @@ def data(name: str, dest: str) -> None:
 @_user_errors
 def train(workflow: str, store: str | None, overwrite: bool) -> None:
     """Train WORKFLOW and record its trajectory to a Zarr store."""
-    from .config import load_workflow
-    from .train import train as run_train
+    from pipeline.config import load_workflow
+    from pipeline.train import train as run_train
 
     result = run_train(load_workflow(workflow), store or _default_store(workflow), overwrite=overwrite)
     click.echo(str(result))
@@ -89,7 +89,7 @@ def _compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _compute(store: str, **kw: Any) -> None:
-    from .compute import compute_lca
+    from pipeline.lca.compute import compute_lca
 
     if kw.get("splits"):
         kw["splits"] = [s.strip() for s in kw["splits"].split(",") if s.strip()]
@@ -113,10 +113,10 @@ def compute(store: str, **kw: Any) -> None:
 @_user_errors
 def run(workflow: str, store: str | None, **kw: Any) -> None:
     """Train WORKFLOW if its store does not exist yet, then compute LCA (what `make lca` runs)."""
-    from .config import load_workflow
+    from pipeline.config import load_workflow
     from trajectory_store import store_exists
 
-    from .train import train as run_train
+    from pipeline.train import train as run_train
 
     store = store or _default_store(workflow)
     wf = load_workflow(workflow)
@@ -132,7 +132,7 @@ def run(workflow: str, store: str | None, **kw: Any) -> None:
 @_user_errors
 def info(store: str) -> None:
     """Summarise a store: steps, parameters, layers, residuals, evaluations per step, completion."""
-    from .dataset import describe
+    from pipeline.analysis.dataset import describe
 
     click.echo(describe(store))
 
@@ -143,7 +143,7 @@ def info(store: str) -> None:
 @_user_errors
 def report(store: str, out: str | None) -> None:
     """Write the paper's figures and summary.json for STORE, and print the summary table."""
-    from .report import write_report
+    from pipeline.analysis.report import write_report
 
     out = out or str(Path("reports") / Path(store.rstrip("/")).stem)
     write_report(store, out)
@@ -156,7 +156,7 @@ def report(store: str, out: str | None) -> None:
 @_user_errors
 def bench(smoke: bool, out: str, device: str) -> None:
     """Print the performance table: engine vs reference-style evaluator, FLOPs, residuals, store size."""
-    from .bench import run_bench
+    from pipeline.bench.run import run_bench
 
     run_bench(smoke=smoke, out=out, device=device)
 

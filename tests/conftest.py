@@ -20,7 +20,7 @@ def small_digits_workflow(steps: int = 48, chunk_steps: int = 16):
 @pytest.fixture(scope="session")
 def digits_store(tmp_path_factory) -> Path:
     """A 48-step digits-fc trajectory in 3 chunks of 16 steps; never written to by tests (copy it)."""
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     path = tmp_path_factory.mktemp("runs") / "digits.zarr"
     train(small_digits_workflow(), str(path), progress=False)

@@ -16,7 +16,7 @@ import xarray as xr
 from dask.callbacks import Callback
 
 from pipeline import analysis
-from pipeline.analysis import coincidences, local_peaks, shuffled_coincidences
+from pipeline.analysis.accessor import coincidences, local_peaks, shuffled_coincidences
 from pipeline.errors import LCAError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,5 +351,5 @@ def test_large_lazy_dataset_is_never_materialised():
 
 
 def test_importing_pipeline_registers_the_accessor():
-    code = "import xarray as xr, pipeline\nassert isinstance(xr.Dataset().lca, pipeline.analysis.LCAAccessor)\n"
+    code = "import xarray as xr, pipeline\nassert isinstance(xr.Dataset().lca, pipeline.analysis.accessor.LCAAccessor)\n"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

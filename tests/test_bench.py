@@ -12,7 +12,7 @@ import torch
 
 import pytest
 
-from pipeline.bench import COLUMNS, TITLES, run_bench
+from pipeline.bench.run import COLUMNS, TITLES, run_bench
 
 from .conftest import LCA, ROOT
 

@@ -14,7 +14,7 @@ import torch
 import zarr
 
 from pipeline import open_lca
-from pipeline.compute import compute_lca
+from pipeline.lca.compute import compute_lca
 from pipeline.errors import LCAError
 from trajectory_store import open_trajectory
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def arrays(store, split="train"):
-    from pipeline.plan import array_names
+    from pipeline.lca.plan import array_names
 
     root = zarr.open_group(store, mode="r")
     return {k: np.asarray(root[v][:]) for k, v in array_names(split).items()}
@@ -64,8 +64,8 @@ def test_conservation_at_the_default_tolerance(reference):
 def test_per_parameter_agreement_with_plain_float64_autograd(reference):
     """A few steps recomputed with nothing but autograd on the whole split, in float64."""
     from pipeline.config import Workflow
-    from pipeline.data import load_split
-    from pipeline.models import build_model
+    from pipeline.problem.data import load_split
+    from pipeline.problem.models import build_model
 
     store, _ = reference
     reader = open_trajectory(store)

@@ -59,7 +59,7 @@ def test_shipped_workflows_are_the_documented_ones() -> None:
 
 
 def test_digits_default_evaluates_the_training_split_in_one_pass() -> None:
-    from pipeline.data import dataset_spec
+    from pipeline.problem.data import dataset_spec
 
     wf = load_workflow(BASE)
     assert wf.lca.eval_batch_size >= dataset_spec(wf.data)["train_size"]

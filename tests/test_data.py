@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data import (dataset_spec, fetch_fashion_mnist, load_split, resolve_data_config, split_size)
+from pipeline.problem.data import (dataset_spec, fetch_fashion_mnist, load_split, resolve_data_config, split_size)
 from pipeline.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_cifar_missing_batch(tmp_path: Path) -> None:
 
 
 def test_python2_batch_matches_its_source() -> None:
-    from pipeline.data import _unpickle_batch
+    from pipeline.problem.data import _unpickle_batch
 
     x, y = _unpickle_batch(py2_batch(3, np.random.default_rng(5), "b"), "test")
     rng = np.random.default_rng(5)

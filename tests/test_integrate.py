@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate import Evaluator
-from pipeline.integrate import integrate_block
+from pipeline.lca.evaluate import Evaluator
+from pipeline.lca.integrate import integrate_block
 from trajectory_store.layout import ParamLayout
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.errors import WorkflowError
-from pipeline.models import build_model, count_parameters, model_spec
+from pipeline.problem.models import build_model, count_parameters, model_spec
 from trajectory_store.layout import ParamLayout
 
 

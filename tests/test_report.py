@@ -8,9 +8,9 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-import pipeline.dataset
+import pipeline.analysis.dataset
 from pipeline.errors import LCAError
-from pipeline.report import FIGURES, build_report, write_report
+from pipeline.analysis.report import FIGURES, build_report, write_report
 from tests.test_analysis import make_dataset
 
 LAYERS = [("fc1.weight", "fc1", (16, 10)), ("fc1.bias", "fc1", (16,)),
@@ -100,7 +100,7 @@ def test_write_report_opens_the_store(tmp_path, monkeypatch):
         opened.append(path)
         return training_like(t=40)
 
-    monkeypatch.setattr(pipeline.dataset, "open_lca", fake_open)
+    monkeypatch.setattr(pipeline.analysis.dataset, "open_lca", fake_open)
     s = write_report("runs/x.zarr", str(tmp_path / "out"))
     assert opened == ["runs/x.zarr"] and s["steps"] == 40
     assert (tmp_path / "out" / "summary.json").exists()
@@ -111,7 +111,7 @@ def test_lca_report_on_a_real_computed_run(digits_store, tmp_path) -> None:
     import shutil
     import subprocess
 
-    from pipeline.compute import compute_lca
+    from pipeline.lca.compute import compute_lca
     from tests.conftest import LCA, ROOT
 
     store = tmp_path / "run.zarr"

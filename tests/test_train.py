@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import Workflow, load_workflow
-from pipeline.data import load_split
+from pipeline.problem.data import load_split
 from pipeline.errors import DivergenceError, WorkflowError
-from pipeline.models import build_model
-from pipeline.train import learning_rate, minibatches, total_steps, train
+from pipeline.problem.models import build_model
+from pipeline.train.loop import learning_rate, minibatches, total_steps, train
 from trajectory_store import store_exists
 from trajectory_store import StoreError, open_trajectory
 from trajectory_store.layout import ParamLayout

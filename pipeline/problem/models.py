@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .errors import WorkflowError
+from pipeline.config import ModelConfig
+from pipeline.errors import WorkflowError
 
 
 def _he_init(module: nn.Module) -> None:

@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from trajectory_store import TrajectoryWriter
 
-from .config import OptimizerConfig, ScheduleConfig, Workflow
-from .data import dataset_spec, load_split, resolve_data_config, split_size
-from .errors import DivergenceError, WorkflowError
-from .models import build_model, count_parameters, model_spec
+from pipeline.config import OptimizerConfig, ScheduleConfig, Workflow
+from pipeline.problem.data import dataset_spec, load_split, resolve_data_config, split_size
+from pipeline.errors import DivergenceError, WorkflowError
+from pipeline.problem.models import build_model, count_parameters, model_spec
 
 
 @dataclass(frozen=True)

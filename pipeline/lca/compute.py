@@ -1,7 +1,7 @@
 """Running an LCA plan on a Dask cluster: a fresh LocalCluster, or an existing one at a scheduler address.
 
-The client plans (pipeline/plan.py), submits one task per pending block, and shows progress; workers
-compute and write (pipeline/worker.py). A dead worker's blocks are simply rerun elsewhere by Dask; an
+The client plans (pipeline/lca/plan.py), submits one task per pending block, and shows progress; workers
+compute and write (pipeline/lca/worker.py). A dead worker's blocks are simply rerun elsewhere by Dask; an
 interrupted client leaves finished blocks marked done, so running the same command again resumes.
 """
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 
-from .config import Workflow
-from .errors import LCAError
-from .plan import Settings, SplitStats, plan_split, split_stats
-from .worker import TaskSpec, run_block
+from pipeline.config import Workflow
+from pipeline.errors import LCAError
+from pipeline.lca.plan import Settings, SplitStats, plan_split, split_stats
+from pipeline.lca.worker import TaskSpec, run_block
 
 CONNECT_TIMEOUT_S = 10
 

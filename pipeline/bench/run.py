@@ -63,9 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError, LCAError
+from pipeline.errors import DataError, LCAError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 # Evaluation batch sizes of the shipped workflows (used when the TOML files are not at hand).
@@ -155,7 +155,7 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], *, reps: int, warmup:
 
 def matmul_peak(device: torch.device, precision: str, n: int, reps: int) -> float:
     """Achieved FLOP/s of an n x n fp32 matrix product (TF32 allowed only for precision 'tf32')."""
-    from .evaluate import set_precision
+    from pipeline.lca.evaluate import set_precision
 
     set_precision(precision)  # type: ignore[arg-type]
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -261,7 +261,7 @@ def _workflow_path(name: str) -> Path:
 
 
 def _ours_batch(arch: str) -> int:
-    from .config import load_workflow
+    from pipeline.config import load_workflow
 
     with contextlib.suppress(LCAError):
         return int(load_workflow(_workflow_path(WORKFLOW_OF_ARCH[arch])).lca.eval_batch_size)
@@ -281,9 +281,9 @@ def _variants(arch: str, cuda: bool) -> list[tuple[str, dict[str, Any]]]:
 
 
 def bench_gradient(plan: Plan, device: torch.device, peaks: dict[str, float | None]) -> list[dict[str, Any]]:
-    from .config import ModelConfig
-    from .evaluate import Evaluator, set_precision
-    from .models import build_model
+    from pipeline.config import ModelConfig
+    from pipeline.lca.evaluate import Evaluator, set_precision
+    from pipeline.problem.models import build_model
     from trajectory_store.layout import ParamLayout
 
     cuda = device.type == "cuda"
@@ -355,7 +355,7 @@ def bench_gradient(plan: Plan, device: torch.device, peaks: dict[str, float | No
 
 
 def _run_workflow(name: str, steps: int, chunk: int, device: torch.device):
-    from .config import load_workflow
+    from pipeline.config import load_workflow
 
     train_device = "cuda" if device.type == "cuda" else "cpu"
     return load_workflow(_workflow_path(name)).replace(
@@ -363,7 +363,7 @@ def _run_workflow(name: str, steps: int, chunk: int, device: torch.device):
 
 
 def _train_store(wf, store: Path) -> None:
-    from .train import train
+    from pipeline.train.loop import train
 
     if store.exists():
         shutil.rmtree(store)
@@ -372,10 +372,10 @@ def _train_store(wf, store: Path) -> None:
 
 def _evaluator_for(store: Path, device: torch.device, precision: str | None = None):
     """The evaluator a worker would build for `store` (the workflow's precision unless one is given)."""
-    from .config import Workflow
-    from .data import load_split
-    from .evaluate import Evaluator
-    from .models import build_model
+    from pipeline.config import Workflow
+    from pipeline.problem.data import load_split
+    from pipeline.lca.evaluate import Evaluator
+    from pipeline.problem.models import build_model
     from trajectory_store import open_trajectory
 
     reader = open_trajectory(str(store))
@@ -389,8 +389,8 @@ def _evaluator_for(store: Path, device: torch.device, precision: str | None = No
 
 
 def bench_precision(store: Path, run: str, device: torch.device) -> list[dict[str, Any]]:
-    from .evaluate import set_precision
-    from .integrate import integrate_block
+    from pipeline.lca.evaluate import set_precision
+    from pipeline.lca.integrate import integrate_block
 
     rows = []
     for precision in ("fp32", "fp64") + (("tf32",) if device.type == "cuda" else ()):
@@ -414,9 +414,9 @@ def bench_precision(store: Path, run: str, device: torch.device) -> list[dict[st
 
 
 def bench_lca(runs: Sequence[tuple[str, Path]], plan: Plan, device: torch.device) -> list[dict[str, Any]]:
-    from .compute import compute_lca
-    from .evaluate import set_precision
-    from .integrate import integrate_block
+    from pipeline.lca.compute import compute_lca
+    from pipeline.lca.evaluate import set_precision
+    from pipeline.lca.integrate import integrate_block
 
     rows = []
     for run, store in runs:
@@ -486,9 +486,9 @@ def _store_bytes(path: Path) -> int:
 
 def bench_training(plan: Plan, device: torch.device, scratch: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Times the trainer's loop with and without the writer; returns the rows and the recorded store's check."""
-    from . import train as train_mod
-    from .data import dataset_spec, load_split, resolve_data_config
-    from .models import build_model, model_spec
+    from pipeline.train import loop as train_mod
+    from pipeline.problem.data import dataset_spec, load_split, resolve_data_config
+    from pipeline.problem.models import build_model, model_spec
     from trajectory_store import TrajectoryWriter, open_trajectory
     from trajectory_store.layout import ParamLayout
 
@@ -689,8 +689,8 @@ def _header(meta: dict[str, Any]) -> str:
 
 
 def _fashion_available() -> bool:
-    from .config import DataConfig
-    from .data import resolve_data_config, split_size
+    from pipeline.config import DataConfig
+    from pipeline.problem.data import resolve_data_config, split_size
 
     try:
         return split_size(resolve_data_config(DataConfig(dataset="fashion-mnist")), "train") > 0
@@ -717,7 +717,7 @@ def run_bench(*, smoke: bool = False, out: str = "bench-out", device: str = "aut
 
     Scratch stores are written under `<out>/scratch` and removed at the end.
     """
-    from .evaluate import set_precision
+    from pipeline.lca.evaluate import set_precision
 
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -792,6 +792,6 @@ def run_bench(*, smoke: bool = False, out: str = "bench-out", device: str = "aut
 
 
 if __name__ == "__main__":  # `python -m pipeline.bench [--smoke] ...`; Dask's worker processes never get here
-    from .cli import main
+    from pipeline.cli import main
 
     main(["bench", *sys.argv[1:]])

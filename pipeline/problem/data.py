@@ -28,8 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .errors import DataError
+from pipeline.config import DataConfig
+from pipeline.errors import DataError
 
 SPLITS = ("train", "heldout")
 

@@ -277,7 +277,7 @@ class LCAAccessor:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, not {split!r}")
         key = SPLITS[split] + name
         if key not in self._ds:
-            from .errors import LCAError
+            from pipeline.errors import LCAError
 
             hint = " (compute it with `lca compute STORE --split train,heldout`)" if split == "heldout" else ""
             raise LCAError(f"the dataset has no `{key}` variable{hint}")

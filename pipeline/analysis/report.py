@@ -31,7 +31,7 @@ HELPED, HURT = "#1a9850", "#d73027"  # RdYlGn ends: green helped (LCA < 0), red 
 
 def write_report(store: str, out: str) -> dict[str, Any]:
     """Open STORE's LCA and write the report into OUT; returns the summary (also `OUT/summary.json`)."""
-    from .dataset import open_lca
+    from pipeline.analysis.dataset import open_lca
 
     return build_report(open_lca(store), out)
 
@@ -39,8 +39,8 @@ def write_report(store: str, out: str) -> dict[str, Any]:
 def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: int = 0,
                  quantile: float = 0.9, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
     """Compute the summary of `ds`, write figures and `summary.json` into `out`, print the table."""
-    from . import analysis
-    from .errors import LCAError
+    from pipeline.analysis import accessor as analysis
+    from pipeline.errors import LCAError
 
     store = ds.attrs.get("store", "STORE")
     hint = f"run `lca compute {store}` (or `make lca`) first"

@@ -15,8 +15,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from .errors import LCAError
-from .integrate import BlockResult
+from pipeline.errors import LCAError
+from pipeline.lca.integrate import BlockResult
 
 FORMAT = 1
 

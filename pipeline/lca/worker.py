@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import LCAError
+from pipeline.errors import LCAError
 
 _LOCK = threading.Lock()
 _EVALUATORS: dict[tuple, Any] = {}
@@ -69,10 +69,10 @@ def _reader(spec: TaskSpec):
 
 def get_evaluator(spec: TaskSpec, split: str):
     """The worker's cached evaluator; only what changes L (store, split, precision, batch size) keys it."""
-    from .config import Workflow
-    from .data import load_split
-    from .evaluate import Evaluator
-    from .models import build_model
+    from pipeline.config import Workflow
+    from pipeline.problem.data import load_split
+    from pipeline.lca.evaluate import Evaluator
+    from pipeline.problem.models import build_model
 
     if spec.threads and torch.get_num_threads() != spec.threads:
         torch.set_num_threads(spec.threads)
@@ -96,8 +96,8 @@ def get_evaluator(spec: TaskSpec, split: str):
 
 def run_block(spec: TaskSpec, split: str, index: int, start: int, stop: int, steps: int) -> dict[str, Any]:
     """Compute and write one block; returns small statistics for the client's summary."""
-    from .integrate import integrate_block
-    from .plan import Block, write_block
+    from pipeline.lca.integrate import integrate_block
+    from pipeline.lca.plan import Block, write_block
 
     t0 = time.perf_counter()
     reader = _reader(spec)

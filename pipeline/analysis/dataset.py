@@ -2,7 +2,7 @@
 
 The Dataset is dask-backed straight from the Zarr arrays, so `ds["lca"]` of a run too big for memory
 still slices, reduces and plots like any Pangeo dataset. Variables and coordinates follow
-docs/ARCHITECTURE.md; the `ds.lca` accessor (pipeline/analysis.py) adds the paper's analyses.
+docs/ARCHITECTURE.md; the `ds.lca` accessor (pipeline/analysis/accessor.py) adds the paper's analyses.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .errors import LCAError
-from .plan import array_names, split_prefix, split_stats
+from pipeline.errors import LCAError
+from pipeline.lca.plan import array_names, split_prefix, split_stats
 
 
 def _split_variables(root: Any, split: str, layout: Any, steps: int) -> dict[str, tuple]:

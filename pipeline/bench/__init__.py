@@ -1,0 +1,1 @@
+"""`make bench`: performance tables measured side by side in one run, one module per question."""
