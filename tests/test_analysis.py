@@ -61,8 +61,8 @@ def make_dataset(lca, layers, *, residual=None, loss0=2.0, heldout=None, chunks=
         xp = da if isinstance(change, da.Array) else np
         loss = loss0 + xp.concatenate([np.zeros(1), xp.cumsum(change)])
         variables |= {
-            f"{prefix}lca": (("iteration", "parameter"), arr),
-            f"{prefix}lca_by_layer": (("iteration", "layer"), by_layer),
+            f"{prefix}lca_param": (("iteration", "parameter"), arr),
+            f"{prefix}lca_layer": (("iteration", "layer"), by_layer),
             f"{prefix}loss": ("iteration", loss[:-1]), f"{prefix}loss_after": ("iteration", loss[1:]),
             f"{prefix}loss_change": ("iteration", change),
             f"{prefix}residual": ("iteration", res),
@@ -163,7 +163,7 @@ def test_completed_drops_unfinished_iterations():
     ds = make_dataset(x, LAYERS_A, residual=[0, np.nan, 0])
     done = ds.lca.completed()
     assert list(done.iteration.values) == [0, 2]
-    assert isinstance(done["lca"].data, da.Array)
+    assert isinstance(done["lca_param"].data, da.Array)
 
 
 def test_distribution_moments_by_hand():
@@ -334,13 +334,13 @@ def test_large_lazy_dataset_is_never_materialised():
     layers = [(f"l{i}.weight", f"l{i}", (100, 99)) for i in range(5)] + [
         (f"l{i}.bias", f"l{i}", (100,)) for i in range(5)]
     ds = make_dataset(lca, layers)
-    assert isinstance(ds["lca"].data, da.Array)
+    assert isinstance(ds["lca_param"].data, da.Array)
     start = time.perf_counter()
     with dask.config.set(scheduler="sync"), _LargestResult() as cb:
         frac = ds.lca.helped_fraction()
         assert isinstance(frac.data, da.Array)
         scan = ds.lca.scan(iteration_bins=100)
-    assert isinstance(ds["lca"].data, da.Array)
+    assert isinstance(ds["lca_param"].data, da.Array)
     assert cb.largest < 16e6, cb.largest  # a chunk is 5 MB; the whole array 400 MB
     hf = scan["helped_fraction_stats"]
     assert hf["iterations"] == t and abs(hf["mean"] - 0.5) < 0.01
@@ -353,3 +353,19 @@ def test_large_lazy_dataset_is_never_materialised():
 def test_importing_pipeline_registers_the_accessor():
     code = "import xarray as xr, pipeline\nassert isinstance(xr.Dataset().lca, pipeline.analysis.accessor.LCAAccessor)\n"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_variable_names_do_not_collide_with_the_accessor():
+    """`ds.lca` is the accessor; every variable is reachable as an attribute with xarray's own methods."""
+    ds = make_dataset(HAND, LAYERS_A)
+    assert isinstance(ds.lca, analysis.LCAAccessor)
+    np.testing.assert_array_equal(ds.lca_param.sel(iteration=0).values, HAND[0])
+    np.testing.assert_allclose(ds.lca_layer.sel(iteration=1).values, [-2, 0])
+    for name in ds.data_vars:
+        assert getattr(ds, name).sel(iteration=0) is not None
+
+
+def test_datasets_with_the_old_names_still_analyse():
+    ds = make_dataset(HAND, LAYERS_A).rename({"lca_param": "lca", "lca_layer": "lca_by_layer"})
+    np.testing.assert_allclose(ds.lca.helped_fraction().values, [0.5, 0.75, 0.4])
+    np.testing.assert_allclose(ds.lca.layer_totals().values, [-2, 3])

@@ -53,7 +53,7 @@ def test_conservation_at_the_default_tolerance(reference):
     residual = ds["residual"].values
     assert np.all(np.isfinite(residual))
     assert np.abs(residual).max() <= tol
-    total = ds["lca"].sum("parameter", dtype=np.float64).values
+    total = ds["lca_param"].sum("parameter", dtype=np.float64).values
     np.testing.assert_allclose(total + residual, ds["loss_change"].values, rtol=0, atol=1e-12)
     assert ds.attrs["blocks_done"] == ds.attrs["blocks_total"] == 3
     # Two new evaluations per step plus one per block at n = 2; refinement only where needed.
@@ -120,7 +120,7 @@ def test_heldout_split_and_rerun_skips_finished_blocks(store_copy):
     again = compute_lca(store, workers=1, splits=["train", "heldout"], progress=False)
     assert [s.blocks_computed for s in again.splits] == [0, 0]
     ds = open_lca(store)
-    assert {"heldout_lca", "heldout_lca_by_layer", "heldout_residual"} <= set(ds.data_vars)
+    assert {"heldout_lca_param", "heldout_lca_layer", "heldout_residual"} <= set(ds.data_vars)
     assert np.all(np.abs(ds["heldout_residual"].values) <= ds.attrs["tol"])
     # A changed setting must not silently mix with earlier results.
     with pytest.raises(LCAError, match="--recompute"):
@@ -134,9 +134,9 @@ def test_open_lca_view(reference):
     ds = open_lca(store)
     assert dict(ds.sizes) == {"iteration": 48, "parameter": 64 * 100 + 100 + 100 * 50 + 50 + 50 * 10 + 10,
                               "layer": 6}
-    assert ds["lca"].chunks is not None  # lazy
-    by_layer = ds["lca_by_layer"].sum("layer").values
-    np.testing.assert_allclose(by_layer, ds["lca"].sum("parameter", dtype=np.float64).values, rtol=1e-9)
+    assert ds["lca_param"].chunks is not None  # lazy
+    by_layer = ds["lca_layer"].sum("layer").values
+    np.testing.assert_allclose(by_layer, ds["lca_param"].sum("parameter", dtype=np.float64).values, rtol=1e-9)
     first = ds.sel(iteration=slice(0, 9))
     assert first.sizes["iteration"] == 10
     assert set(ds["param_layer"].values[:10]) == {ds["layer"].values[0]}

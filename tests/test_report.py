@@ -65,12 +65,12 @@ def test_build_report_writes_six_figures_and_summary(tmp_path, capsys):
 
 def test_report_uses_completed_steps_and_heldout(tmp_path):
     ds = training_like(t=90, heldout=True)
-    lca = ds["lca"].values.copy()
+    lca = ds["lca_param"].values.copy()
     lca[60:] = np.nan  # the last blocks are still being computed
     res = ds["residual"].values.copy()
     res[60:] = np.nan
-    ds = ds.assign(lca=(ds["lca"].dims, lca), residual=("iteration", res),
-                   lca_by_layer=ds["lca_by_layer"].where(ds.iteration < 60))
+    ds = ds.assign(lca_param=(ds["lca_param"].dims, lca), residual=("iteration", res),
+                   lca_layer=ds["lca_layer"].where(ds.iteration < 60))
     s = build_report(ds, tmp_path, draws=50, verbose=False)
     assert s["steps"] == 60 and s["steps_total"] == 90
     h = s["heldout"]
@@ -82,7 +82,7 @@ def test_report_uses_completed_steps_and_heldout(tmp_path):
 def test_no_lca_yet_is_a_one_line_error(tmp_path, case):
     ds = training_like(t=10)
     if case == "all-nan":
-        ds = ds.assign(lca_by_layer=ds["lca_by_layer"] * np.nan, residual=ds["residual"] * np.nan)
+        ds = ds.assign(lca_layer=ds["lca_layer"] * np.nan, residual=ds["residual"] * np.nan)
     elif case == "no-lca":
         ds = ds.drop_vars([k for k in ds.data_vars if "lca" in k])
     else:

@@ -1,6 +1,6 @@
 """The `ds.lca` accessor: the paper's findings, computed from the xarray view without loading it.
 
-`lca` (iteration x parameter) can be far larger than memory, so every method either reduces through dask
+`lca_param` (iteration x parameter) can be far larger than memory, so every method either reduces through dask
 (one pass over the chunks, small results) or works on the small per-iteration / per-layer variables.
 Methods whose results are naturally lazy (`helped_fraction`, `layer_lca`, `cumulative`, `unit_lca`) return
 dask-backed xarray objects; the statistics (`distribution`, `synchronisation`, ...) compute and return
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 ACCESSOR = "lca"
 SPLITS = {"train": "", "heldout": "heldout_"}
+# Names before the rename that freed `ds.lca` for the accessor; datasets saved with them still analyse.
+OLD_NAMES = {"lca_param": "lca", "lca_layer": "lca_by_layer"}
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 
 # Pooled-distribution histogram: fixed log10|LCA| bins spanning float32's whole range (denormals to max),
@@ -276,6 +278,8 @@ class LCAAccessor:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, not {split!r}")
         key = SPLITS[split] + name
+        if key not in self._ds and name in OLD_NAMES and SPLITS[split] + OLD_NAMES[name] in self._ds:
+            key = SPLITS[split] + OLD_NAMES[name]
         if key not in self._ds:
             from pipeline.errors import LCAError
 
@@ -286,12 +290,12 @@ class LCAAccessor:
     def _dask_lca(self, split: str):
         import dask.array as da
 
-        data = self._var("lca", split).data
+        data = self._var("lca_param", split).data
         return data if isinstance(data, da.Array) else da.from_array(data, chunks="auto")
 
     def has_split(self, split: str) -> bool:
         """Whether LCA for `split` is in the dataset (held-out LCA is optional)."""
-        return SPLITS[split] + "lca_by_layer" in self._ds
+        return any(SPLITS[split] + n in self._ds for n in ("lca_layer", OLD_NAMES["lca_layer"]))
 
     def modules(self) -> list[str]:
         """Module names in layer order: the unit of the paper's "layer" (a weight tensor with its bias)."""
@@ -300,7 +304,7 @@ class LCAAccessor:
     def complete_mask(self, split: str = "train") -> xr.DataArray:
         """True for iterations whose LCA is fully computed; blocks still running are NaN and would poison
         every sum, so analyses run on `completed()`."""
-        by_layer = self._var("lca_by_layer", split)
+        by_layer = self._var("lca_layer", split)
         ok = by_layer.notnull().all("layer")
         key = SPLITS[split] + "residual"
         if key in self._ds:
@@ -319,7 +323,7 @@ class LCAAccessor:
     def _helped_counts(self, split: str) -> xr.Dataset:
         import xarray as xr
 
-        x = self._var("lca", split)
+        x = self._var("lca_param", split)
         return xr.Dataset({
             "helped": (x < 0).sum("parameter"),
             "moved": ((x != 0) & x.notnull()).sum("parameter"),
@@ -359,7 +363,7 @@ class LCAAccessor:
     def layer_lca(self, split: str = "train", by: str = "layer") -> xr.DataArray:
         """LCA per iteration summed over each layer (parameter tensor, by="layer") or module (weights and
         bias together, by="module"; new dim `module`). Lazy."""
-        da_ = self._var("lca_by_layer", split)
+        da_ = self._var("lca_layer", split)
         if by == "layer":
             return da_
         if by != "module":
@@ -397,7 +401,7 @@ class LCAAccessor:
         import numpy as np
         import xarray as xr
 
-        x = self._var("lca", split)
+        x = self._var("lca_param", split)
         arr = self._dask_lca(split)
         ids, unit_module, unit_index = self._unit_ids()
         n_units = len(unit_module)
@@ -450,7 +454,7 @@ class LCAAccessor:
 
         loss = np.asarray(self._var("loss", split).values, dtype=np.float64)
         after = np.asarray(self._var("loss_after", split).values, dtype=np.float64)
-        step = np.asarray(self._var("lca_by_layer", split).sum("layer", skipna=False).values, dtype=np.float64)
+        step = np.asarray(self._var("lca_layer", split).sum("layer", skipna=False).values, dtype=np.float64)
         it = np.asarray(self._ds["iteration"].values)
         recon = np.empty_like(after)
         starts = np.flatnonzero(np.r_[True, np.diff(it) != 1]) if it.size else np.zeros(0, int)
@@ -570,13 +574,13 @@ class LCAAccessor:
             attrs={"correlation_total": _pearson(tr.values.sum(1), ho.values.sum(1)),
                    "sign_agreement": agree, "iterations": int(both.sum())})
 
-    # -- everything that reads `lca`, in one pass -----------------------------------------------------------
+    # -- everything that reads `lca_param`, in one pass -----------------------------------------------------------
 
     def scan(self, split: str = "train", quantiles: Sequence[float] = QUANTILES,
              iteration_bins: int | None = None) -> dict[str, Any]:
         """Helped fraction, pooled distribution and per-unit LCA from a single read of `lca`.
 
-        Why: `lca` is the one large array; three separate passes would read it three times. `unit_lca` comes
+        Why: `lca_param` is the one large array; three separate passes would read it three times. `unit_lca` comes
         back summed into at most `iteration_bins` equal groups of consecutive iterations (LCA is additive,
         so a bin is the LCA of that stretch of training), small enough for a heat map.
         """

@@ -1,6 +1,6 @@
 """The result as one lazy xarray Dataset, and a text summary of a store.
 
-The Dataset is dask-backed straight from the Zarr arrays, so `ds["lca"]` of a run too big for memory
+The Dataset is dask-backed straight from the Zarr arrays, so `ds.lca_param` of a run too big for memory
 still slices, reduces and plots like any Pangeo dataset. Variables and coordinates follow
 docs/ARCHITECTURE.md; the `ds.lca` accessor (pipeline/analysis/accessor.py) adds the paper's analyses.
 """
@@ -27,8 +27,8 @@ def _split_variables(root: Any, split: str, layout: Any, steps: int) -> dict[str
                          for t in layout.tensors], axis=1)
     loss = da.from_zarr(root[names["loss"]])
     return {
-        f"{prefix}lca": (("iteration", "parameter"), lca),
-        f"{prefix}lca_by_layer": (("iteration", "layer"), by_layer),
+        f"{prefix}lca_param": (("iteration", "parameter"), lca),
+        f"{prefix}lca_layer": (("iteration", "layer"), by_layer),
         f"{prefix}loss": (("iteration",), loss[:steps]),
         f"{prefix}loss_after": (("iteration",), loss[1:steps + 1]),
         f"{prefix}loss_change": (("iteration",), loss[1:steps + 1] - loss[:steps]),

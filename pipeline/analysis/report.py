@@ -2,7 +2,7 @@
 
 `build_report(ds, out)` does the work on any Dataset shaped like `open_lca`'s (tests pass fakes);
 `write_report(store, out)` opens the store first. Only iterations whose LCA is complete are used, so a
-report of a run still being computed describes the finished part. `lca` is read once (`ds.lca.scan`).
+report of a run still being computed describes the finished part. `lca_param` is read once (`ds.lca.scan`).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
 
     store = ds.attrs.get("store", "STORE")
     hint = f"run `lca compute {store}` (or `make lca`) first"
-    if "lca" not in ds or "lca_by_layer" not in ds or ds.sizes.get("iteration", 0) == 0:
+    if not analysis.LCAAccessor(ds).has_split("train") or ds.sizes.get("iteration", 0) == 0:
         raise LCAError(f"no LCA in {store} yet: {hint}")
     steps_total = int(ds.sizes["iteration"])
-    ds = _load_small(ds)  # one pass for lca_by_layer (a lazy reduction of lca in open_lca)
+    ds = _load_small(ds)  # one pass for lca_layer (a lazy reduction of lca_param in open_lca)
     ds = analysis.LCAAccessor(ds).completed("train")
     if ds.sizes["iteration"] == 0:
         raise LCAError(f"no completed LCA steps in {store} yet: {hint}")
@@ -106,8 +106,8 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
 
 
 def _load_small(ds: xr.Dataset) -> xr.Dataset:
-    """Compute every variable without a `parameter` dim in one go (lca_by_layer may itself be a lazy
-    reduction of `lca`), so later steps never recompute them."""
+    """Compute every variable without a `parameter` dim in one go (lca_layer may itself be a lazy
+    reduction of `lca_param`), so later steps never recompute them."""
     import dask
 
     names = [k for k, v in ds.data_vars.items() if "parameter" not in v.dims]
@@ -153,7 +153,7 @@ def _heldout_summary(ds: xr.Dataset, acc: Any) -> dict[str, Any] | None:
     """Held-out LCA next to train LCA, when it was computed (`--split train,heldout`)."""
     import numpy as np
 
-    if not (acc.has_split("heldout") and "heldout_lca" in ds):
+    if not acc.has_split("heldout"):
         return None
     ok = acc.complete_mask("heldout").values
     if not ok.any():
