@@ -8,6 +8,7 @@ import io
 import json
 import math
 import subprocess
+import sys
 import torch
 
 import pytest
@@ -137,3 +138,14 @@ def test_cli_bench_cuda_without_cuda_is_a_one_line_error(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and "CUDA" in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_modules_do_not_import_the_cli():
+    """The CLI imports the bench; the bench (and `python -m pipeline.bench`) must not import the CLI back."""
+    code = ("import sys, pipeline.bench.run, pipeline.bench.__main__; "
+            "assert 'pipeline.cli' not in sys.modules, 'bench imported the CLI'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--smoke" in proc.stdout, proc.stderr[-2000:]
