@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(VENV)/bin/python -m pip install -q torch==2.13.0; fi
-	$(VENV)/bin/python -m pip install -q -e '.[test,bench]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,bench,lightning,hf]'
 	touch $@
 
 data: install $(DATA_DIR)/fashion-mnist/.complete
