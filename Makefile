@@ -8,6 +8,7 @@ OUT      ?= reports/$(basename $(notdir $(STORE)))
 DATA_DIR ?= data
 WORKERS  ?=
 SCHEDULER ?=
+DASHBOARD ?=
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -32,7 +33,7 @@ train: install
 	$(LCA) train $(WORKFLOW) --store $(STORE)
 
 lca: install
-	$(LCA) run $(WORKFLOW) --store $(STORE) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER))
+	$(LCA) run $(WORKFLOW) --store $(STORE) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(DASHBOARD),--dashboard-address $(DASHBOARD))
 
 report: install
 	$(LCA) report $(STORE) --out $(OUT)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,11 +17,19 @@ import click
 from pipeline.errors import USER_ERRORS
 
 
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """Warnings meant for the person at the terminal print as one line `warning: ...`, like errors do."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except USER_ERRORS as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
@@ -35,7 +44,17 @@ def _default_store(workflow: str) -> str:
     return str(Path("runs") / f"{Path(workflow).stem}.zarr")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lca-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 @click.group()
+@click.version_option(_version(), "--version", prog_name="lca", message="%(prog)s %(version)s")
 def main() -> None:
     """Loss Change Allocation: record a training trajectory, allocate every loss change to parameters."""
 
@@ -69,7 +88,10 @@ def train(workflow: str, store: str | None, overwrite: bool) -> None:
 def _compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--workers", type=int, default=None,
-                     help="Local worker processes [default: one per GPU, else 2]."),
+                     help="Local worker processes [default: one per GPU, else one per CPU core, at most 4]."),
+        click.option("--dashboard-address", default=None,
+                     help="Where the local cluster's Dask dashboard listens: PORT or HOST:PORT "
+                          "[default: 127.0.0.1 on a free port; the link is printed]."),
         click.option("--scheduler", default=None, help="Address of a running Dask scheduler, e.g. tcp://host:8786."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--split", "splits", default=None, help="Comma-separated splits: train,heldout [default: workflow's]."),

@@ -19,4 +19,20 @@ class DivergenceError(LCAError):
     """Training produced a non-finite loss or parameters; the message names the step."""
 
 
+class IncompleteResultError(LCAError):
+    """An analysis that sums over iterations was asked of a result whose LCA is not fully computed."""
+
+
+class IncompleteResultWarning(UserWarning):
+    """A result opened for analysis is missing iterations (their rows are NaN); says how many."""
+
+
+class ShortRunWarning(UserWarning):
+    """A statistic was computed on a run too short for its settings to say much (for example its window)."""
+
+
+class ToleranceWarning(UserWarning):
+    """Compute finished but a share of steps did not reach the residual tolerance even at max_splits."""
+
+
 USER_ERRORS = (LCAError, StoreError)

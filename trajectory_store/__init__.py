@@ -1,6 +1,7 @@
 """Lossless, checksummed, crash-consistent storage of a training trajectory (one Zarr v3 store per run).
 
-Importing the package registers the `lca.bit_delta` codec with zarr, which reading a store needs.
+The `lca.bit_delta` codec is registered with zarr through the `zarr.codecs` entry point (pyproject.toml),
+so plain zarr and xarray read a store without importing this package; importing it registers it too.
 """
 
 from .codecs import BitDeltaCodec, params_codecs

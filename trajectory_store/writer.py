@@ -402,7 +402,8 @@ class TrajectoryWriter:
 
 def _create_indices(traj: zarr.Group, rows: int, width: int, chunk_steps: int) -> zarr.Array:
     return traj.create_array("batch_indices", shape=(rows, width), chunks=(chunk_steps, width), dtype="int64",
-                             fill_value=-1, config=_ZARR_CONFIG, **small_codecs())
+                             fill_value=-1, config=_ZARR_CONFIG, dimension_names=("step", "sample"),
+                             **small_codecs())
 
 
 def _create_arrays(loc: Location, layout: ParamLayout, root_attrs: dict[str, Any], *, steps: int | None,

@@ -12,6 +12,7 @@ Importing this module (which `import pipeline` does) registers the accessor with
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
@@ -260,6 +261,59 @@ def shuffled_coincidences(mask: np.ndarray, window: int = 0, draws: int = 1000, 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class Synchronisation:
+    """The peak-synchronisation test (`ds.lca.synchronisation()`): a few numbers and the null draws.
+
+    The repr shows the answer in one line; `null_counts` (one count per draw) stays out of it. Reads like
+    the dict it replaces: `s["ratio"]`, `s.keys()`, `s.items()`, `s.to_dict()`.
+    """
+
+    by: str
+    quantile: float
+    order: int
+    local: int | None
+    window: int
+    null: str
+    draws: int
+    seed: int
+    iterations: int
+    observed: int
+    expected: float
+    null_std: float
+    expected_uniform: float
+    ratio: float
+    p_value: float
+    peaks: dict[str, int]
+    null_counts: Any = field(repr=False)
+    warning: str | None = None
+
+    def __repr__(self) -> str:
+        head = (f"Synchronisation(observed {self.observed} coinciding peak pairs, chance {self.expected:.3g}, "
+                f"ratio {self.ratio:.3g}, p = {self.p_value:.3g}; {len(self.peaks)} {self.by}s over "
+                f"{self.iterations} iterations, window {self.window}, {self.draws} {self.null} draws)")
+        return head + (f"\n  warning: {self.warning}" if self.warning else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def keys(self):
+        return self.to_dict().keys()
+
+    def items(self):
+        return self.to_dict().items()
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the accessor
 
 
@@ -303,13 +357,46 @@ class LCAAccessor:
 
     def complete_mask(self, split: str = "train") -> xr.DataArray:
         """True for iterations whose LCA is fully computed; blocks still running are NaN and would poison
-        every sum, so analyses run on `completed()`."""
-        by_layer = self._var("lca_layer", split)
-        ok = by_layer.notnull().all("layer")
+        every sum, so analyses run on `completed()`.
+
+        From the `complete` coordinate `open_lca` takes from the store's completion record where there is one
+        (no pass over the data), else from which rows are finite."""
+        coord = SPLITS[split] + "complete"
         key = SPLITS[split] + "residual"
+        if coord in self._ds.coords:
+            ok = self._ds[coord].astype(bool)
+        else:
+            ok = self._var("lca_layer", split).notnull().all("layer")
         if key in self._ds:
             ok = ok & self._ds[key].notnull()
-        return ok.compute()
+        return ok.compute().reset_coords(drop=True).rename("complete")
+
+    def missing_iterations(self, split: str = "train") -> int:
+        """How many iterations of `split` are not computed yet (0 for a whole result or a `completed()` one)."""
+        coord = SPLITS[split] + "complete"
+        key = SPLITS[split] + "residual"
+        import numpy as np
+
+        if coord in self._ds.coords:
+            ok = np.asarray(self._ds[coord].values, dtype=bool)
+            if key in self._ds:
+                ok = ok & np.isfinite(np.asarray(self._ds[key].values, dtype=np.float64))
+            return int((~ok).sum())
+        if key in self._ds:  # cheap: one number per iteration
+            return int(np.isnan(np.asarray(self._ds[key].values, dtype=np.float64)).sum())
+        return int((~self.complete_mask(split).values).sum())
+
+    def _require_complete(self, split: str, what: str) -> None:
+        """Sums over iterations must not skip the NaN rows of a result still being computed."""
+        n = self.missing_iterations(split)
+        if n:
+            from pipeline.errors import IncompleteResultError
+
+            store = self._ds.attrs.get("store", "STORE")
+            raise IncompleteResultError(
+                f"{what} needs every iteration, but {n} of {self._ds.sizes['iteration']} iterations of {split} LCA "
+                f"are not computed yet; finish them with `lca compute {store}`, or analyse the finished part: "
+                f"ds.lca.completed().lca.{what}(...)")
 
     def completed(self, split: str = "train") -> xr.Dataset:
         """The dataset restricted (lazily) to the iterations whose LCA is complete."""
@@ -329,19 +416,58 @@ class LCAAccessor:
             "moved": ((x != 0) & x.notnull()).sum("parameter"),
         })
 
-    def helped_fraction(self, split: str = "train") -> xr.DataArray:
+    def _helped_counts_by(self, split: str, by: str) -> xr.Dataset:
+        """Helped and moved counts per iteration and layer (or module), in model order. Lazy: each layer is
+        a contiguous column range, so its counts are two reductions of a slice."""
+        import dask.array as da
+        import numpy as np
+        import xarray as xr
+
+        if by not in ("layer", "module"):
+            raise ValueError(f"by must be None, 'layer' or 'module', not {by!r}")
+        x = self._var("lca_param", split)
+        arr = self._dask_lca(split)
+        offs, sizes = self._ds["layer_offset"].values, self._ds["layer_size"].values
+        helped = da.stack([(arr[:, o:o + n] < 0).sum(axis=1) for o, n in zip(offs, sizes)], axis=1)
+        moved = da.stack([((arr[:, o:o + n] != 0) & ~da.isnan(arr[:, o:o + n])).sum(axis=1)
+                          for o, n in zip(offs, sizes)], axis=1)
+        coords = {"iteration": x["iteration"], "layer": self._ds["layer"].values}
+        counts = xr.Dataset({"helped": (("iteration", "layer"), helped), "moved": (("iteration", "layer"), moved)},
+                            coords=coords)
+        if by == "layer":
+            return counts
+        lm = self._ds["layer_module"].values
+        mods = self.modules()
+        parts = [counts.isel(layer=np.flatnonzero(lm == m)).sum("layer") for m in mods]
+        return xr.concat(parts, dim="module").assign_coords(module=mods).transpose("iteration", "module")
+
+    def helped_fraction(self, split: str = "train", by: str | None = None) -> xr.DataArray:
         """Per iteration, the fraction of the parameters that moved (LCA != 0) whose move lowered the loss.
 
         The paper's first finding is that this hovers just above 0.5 (50.7%): training is a tug of war in
-        which nearly half the parameters make each step worse. Lazy (one reduction per iteration).
+        which nearly half the parameters make each step worse. `by="layer"` or `"module"` gives it per layer
+        (dims iteration, layer|module, in model order): which layers' parameters mostly pull together.
+        Lazy (one reduction per iteration); NaN where nothing moved or the iteration is not computed yet.
         """
-        c = self._helped_counts(split)
+        c = self._helped_counts(split) if by is None else self._helped_counts_by(split, by)
         return (c.helped / c.moved.where(c.moved > 0)).rename("helped_fraction")
 
-    def helped_fraction_stats(self, split: str = "train") -> dict[str, float]:
+    def helped_fraction_stats(self, split: str = "train", by: str | None = None) -> Any:
         """Mean and spread of the helped fraction over iterations, plus the pooled fraction over all
-        (iteration, parameter) entries: the numbers to set against the paper's 50.7%."""
-        return _fraction_stats(self._helped_counts(split).compute())
+        (iteration, parameter) entries: the numbers to set against the paper's 50.7%.
+
+        by=None: a dict. by="layer" / "module": an xarray Dataset indexed by layer (module) in model order,
+        with the same statistics as variables."""
+        self._require_complete(split, "helped_fraction_stats")
+        if by is None:
+            return _fraction_stats(self._helped_counts(split).compute())
+        import xarray as xr
+
+        counts = self._helped_counts_by(split, by).compute()
+        dim = counts.helped.dims[1]
+        rows = [_fraction_stats(counts.isel({dim: i})) for i in range(counts.sizes[dim])]
+        return xr.Dataset({k: (dim, [r[k] for r in rows]) for k in rows[0]} if rows else {},
+                          coords={dim: counts[dim].values})
 
     def distribution(self, split: str = "train", quantiles: Sequence[float] = QUANTILES) -> dict[str, Any]:
         """Moments (population mean, std, skew, excess kurtosis), sign fractions and quantiles of all LCA
@@ -354,6 +480,7 @@ class LCAAccessor:
         """
         import dask
 
+        self._require_complete(split, "distribution")
         blocks, hist = _distribution_parts(self._dask_lca(split))
         blocks, hist = dask.compute(blocks, hist)
         return finish_distribution(blocks, hist, quantiles)
@@ -380,7 +507,8 @@ class LCAAccessor:
     def layer_totals(self, split: str = "train", by: str = "layer") -> xr.DataArray:
         """Total LCA of each layer (or module) over training: negative layers paid for the loss drop,
         positive ones worked against it overall (the paper: ResNet's first and last layers). Lazy."""
-        return self.layer_lca(split, by).sum("iteration").rename("total_lca")
+        self._require_complete(split, "layer_totals")
+        return self.layer_lca(split, by).sum("iteration", skipna=False).rename("total_lca")
 
     def hurting(self, split: str = "train", by: str = "layer") -> dict[str, float]:
         """The layers (or modules) whose total LCA is positive, worst first: the paper's second finding."""
@@ -420,7 +548,8 @@ class LCAAccessor:
 
     def unit_totals(self, split: str = "train") -> xr.DataArray:
         """Total LCA of each unit over training: which neurons/channels paid for learning, which fought it."""
-        return self.unit_lca(split).sum("iteration").rename("unit_total")
+        self._require_complete(split, "unit_totals")
+        return self.unit_lca(split).sum("iteration", skipna=False).rename("unit_total")
 
     def _unit_ids(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import numpy as np
@@ -439,7 +568,8 @@ class LCAAccessor:
 
     def cumulative(self, split: str = "train", by: str = "layer") -> xr.DataArray:
         """Running total of each layer's LCA: when in training each layer did its share. Lazy."""
-        return self.layer_lca(split, by).cumsum("iteration").rename("cumulative_lca")
+        self._require_complete(split, "cumulative")
+        return self.layer_lca(split, by).cumsum("iteration", skipna=False).rename("cumulative_lca")
 
     def reconstruction(self, split: str = "train") -> xr.Dataset:
         """The loss rebuilt from LCA alone, loss[0] + cumsum_t(sum_i LCA_{t,i}), against the true
@@ -452,6 +582,7 @@ class LCAAccessor:
         import numpy as np
         import xarray as xr
 
+        self._require_complete(split, "reconstruction")
         loss = np.asarray(self._var("loss", split).values, dtype=np.float64)
         after = np.asarray(self._var("loss_after", split).values, dtype=np.float64)
         step = np.asarray(self._var("lca_layer", split).sum("layer", skipna=False).values, dtype=np.float64)
@@ -482,6 +613,7 @@ class LCAAccessor:
         """How well each step's LCA sums to its loss change (r_t); the integration's own error budget."""
         import numpy as np
 
+        self._require_complete(split, "residual_stats")
         r = np.asarray(self._var("residual", split).values, dtype=np.float64)
         r = r[np.isfinite(r)]
         change = np.asarray(self._var("loss_change", split).values, dtype=np.float64)
@@ -506,24 +638,33 @@ class LCAAccessor:
         """
         import xarray as xr
 
+        self._require_complete(split, "peaks")
         per = self.layer_lca(split, by).compute()
         mask = local_peaks(-per.values, quantile=quantile, order=order, local=local)
         return xr.DataArray(mask, dims=per.dims, coords=per.coords, name="peak")
 
     def synchronisation(self, split: str = "train", by: str = "module", quantile: float = 0.9,
                         order: int = 1, local: int | None = 51, window: int = 0, draws: int = 1000,
-                        null: str = "shift", seed: int = 0) -> dict[str, Any]:
+                        null: str = "shift", seed: int = 0) -> Synchronisation:
         """Do layers' LCA peaks fall on the same iterations more often than chance? (the paper's third
         finding).
 
         observed: pairs (peak of layer a, peak of layer b), a < b, at most `window` iterations apart.
         Chance: the same count after moving each layer's peaks independently (`shuffled_coincidences`:
-        circular shift by default, or permutation), `draws` times from a seeded generator. Returns observed,
-        expected (mean of the draws), ratio = observed / expected, p_value = (1 + #draws >= observed) /
-        (1 + draws), expected_uniform = (2 window + 1) sum_{a<b} n_a n_b / T (exact for window 0), and
-        per-layer peak counts; `null_counts` holds the draws.
+        circular shift by default, or permutation), `draws` times from a seeded generator. Returns a
+        `Synchronisation`: observed, expected (mean of the draws), ratio = observed / expected, p_value =
+        (1 + #draws >= observed) / (1 + draws), expected_uniform = (2 window + 1) sum_{a<b} n_a n_b / T
+        (exact for window 0), per-layer peak counts, and the draws in `null_counts`.
+
+        Warns (`ShortRunWarning`) when the run is shorter than two `local` windows or chance predicts
+        fewer than 1 coincidence: then "ratio 0, p 1" says the test had no power, not that layers are
+        independent.
         """
+        import warnings
+
         import numpy as np
+
+        from pipeline.errors import ShortRunWarning
 
         peak = self.peaks(split, by, quantile, order, local)
         mask = peak.values
@@ -534,18 +675,73 @@ class LCAAccessor:
         n = mask.sum(0).astype(np.float64)
         pairs = (n.sum() ** 2 - (n * n).sum()) / 2
         dim = peak.dims[1]
-        return {
-            "by": by, "quantile": quantile, "order": order, "local": local, "window": window, "null": null,
-            "draws": draws, "seed": seed, "iterations": int(t),
-            "observed": observed,
-            "expected": expected,
-            "null_std": float(null_counts.std()) if null_counts.size else float("nan"),
-            "expected_uniform": float((2 * window + 1) * pairs / t) if t else float("nan"),
-            "ratio": observed / expected if expected > 0 else float("nan"),
-            "p_value": float((1 + (null_counts >= observed).sum()) / (1 + null_counts.size)),
-            "peaks": {str(k): int(v) for k, v in zip(peak[dim].values, n)},
-            "null_counts": null_counts,
-        }
+        result = Synchronisation(
+            by=by, quantile=quantile, order=order, local=local, window=window, null=null, draws=draws, seed=seed,
+            iterations=int(t), observed=observed, expected=expected,
+            null_std=float(null_counts.std()) if null_counts.size else float("nan"),
+            expected_uniform=float((2 * window + 1) * pairs / t) if t else float("nan"),
+            ratio=observed / expected if expected > 0 else float("nan"),
+            p_value=float((1 + (null_counts >= observed).sum()) / (1 + null_counts.size)),
+            peaks={str(k): int(v) for k, v in zip(peak[dim].values, n)},
+            null_counts=null_counts,
+        )
+        reasons = []
+        if local is not None and t < 2 * local:
+            reasons.append(f"{t} iterations are fewer than two {local}-iteration windows (local={local})")
+        if not expected >= 1:
+            reasons.append(f"chance predicts only {expected:.2g} coinciding peaks")
+        if reasons:
+            result.warning = "; ".join(reasons) + ": too short a run for this test, so its ratio and p-value " \
+                "say little (use a longer run, or a smaller `local`)"
+            warnings.warn(f"synchronisation: {result.warning}", ShortRunWarning, stacklevel=2)
+        return result
+
+    # -- LCA in each tensor's own shape ---------------------------------------------------------------------
+
+    def tensor(self, name: str, iteration: int | None = None, split: str = "train") -> xr.DataArray:
+        """LCA of one parameter tensor in its own shape: at one `iteration` (its label), or summed over all
+        iterations (None; the result must then be complete).
+
+        Why: LCA is stored as one flat vector per step; a researcher thinks in `fc1.weight[out, in]` or
+        `conv1.weight[channel, in, kh, kw]`. Dims are `unit` (the unit axis, output neuron or channel) then
+        `axis1`, `axis2`, ...; attrs name the layer and the iteration.
+        """
+        import json
+
+        import numpy as np
+        import xarray as xr
+
+        layers = [str(v) for v in self._ds["layer"].values]
+        if name not in layers:
+            from pipeline.errors import LCAError
+
+            near = ", ".join(layers[:6]) + (" ..." if len(layers) > 6 else "")
+            raise LCAError(f"no parameter tensor named {name!r}; the layers are: {near}")
+        i = layers.index(name)
+        off, size = int(self._ds["layer_offset"].values[i]), int(self._ds["layer_size"].values[i])
+        shape = (tuple(json.loads(str(self._ds["layer_shape"].values[i]))) if "layer_shape" in self._ds.coords
+                 else (size,))
+        x = self._var("lca_param", split).isel(parameter=slice(off, off + size))
+        if iteration is None:
+            self._require_complete(split, "tensor")
+            flat = np.asarray(x.sum("iteration", skipna=False, dtype=np.float64).values)
+        else:
+            if iteration not in self._ds["iteration"].values:
+                from pipeline.errors import LCAError
+
+                it = self._ds["iteration"].values
+                raise LCAError(f"iteration {iteration} is not in the dataset (iterations "
+                               f"{int(it.min()) if it.size else '-'}..{int(it.max()) if it.size else '-'})")
+            flat = np.asarray(x.sel(iteration=iteration).values)
+            if np.isnan(flat).all() and size:
+                from pipeline.errors import IncompleteResultError
+
+                raise IncompleteResultError(f"iteration {iteration} of {split} LCA is not computed yet; finish "
+                                            f"it with `lca compute {self._ds.attrs.get('store', 'STORE')}`")
+        dims = ("unit",) + tuple(f"axis{k}" for k in range(1, len(shape))) if shape else ()
+        return xr.DataArray(flat.reshape(shape), dims=dims, name=f"lca {name}",
+                            attrs={"layer": name, "iteration": "all (sum)" if iteration is None else int(iteration),
+                                   "split": split})
 
     # -- train vs held-out ----------------------------------------------------------------------------------
 
@@ -586,6 +782,7 @@ class LCAAccessor:
         """
         import dask
 
+        self._require_complete(split, "scan")
         counts = self._helped_counts(split)
         blocks, hist = _distribution_parts(self._dask_lca(split))
         units = self.unit_lca(split)

@@ -14,11 +14,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from pipeline.errors import LCAError
+from pipeline.errors import IncompleteResultError, IncompleteResultWarning, LCAError
 from pipeline.lca.plan import array_names, split_prefix, split_stats
 
 
-def _split_variables(root: Any, split: str, layout: Any, steps: int) -> dict[str, tuple]:
+def _split_variables(root: Any, split: str, layout: Any, steps: int, block: int) -> dict[str, tuple]:
     names = array_names(split)
     prefix = split_prefix(split)
     lca = da.from_zarr(root[names["lca"]])
@@ -26,26 +26,48 @@ def _split_variables(root: Any, split: str, layout: Any, steps: int) -> dict[str
     by_layer = da.stack([lca[:, t.offset:t.offset + t.size].sum(axis=1, dtype=np.float64)
                          for t in layout.tensors], axis=1)
     loss = da.from_zarr(root[names["loss"]])
-    return {
-        f"{prefix}lca_param": (("iteration", "parameter"), lca),
-        f"{prefix}lca_layer": (("iteration", "layer"), by_layer),
-        f"{prefix}loss": (("iteration",), loss[:steps]),
-        f"{prefix}loss_after": (("iteration",), loss[1:steps + 1]),
-        f"{prefix}loss_change": (("iteration",), loss[1:steps + 1] - loss[:steps]),
-        f"{prefix}residual": (("iteration",), da.from_zarr(root[names["residual"]])),
-        f"{prefix}points": (("iteration",), da.from_zarr(root[names["points"]])),
-        f"{prefix}splits": (("iteration",), da.from_zarr(root[names["splits"]])),
+    per_step = {
+        f"{prefix}loss": loss[:steps],
+        f"{prefix}loss_after": loss[1:steps + 1],
+        f"{prefix}loss_change": loss[1:steps + 1] - loss[:steps],
+        f"{prefix}residual": da.from_zarr(root[names["residual"]]),
+        f"{prefix}points": da.from_zarr(root[names["points"]]),
+        f"{prefix}splits": da.from_zarr(root[names["splits"]]),
     }
+    # Uniform chunks along iteration (slicing loss by one row leaves chunks like (63, 1, 63, 1, ...)), and
+    # one chunk across layers: what `to_zarr` needs to write the Dataset out as it is.
+    variables = {f"{prefix}lca_param": (("iteration", "parameter"), lca),
+                 f"{prefix}lca_layer": (("iteration", "layer"), by_layer.rechunk((block, -1)))}
+    variables |= {k: (("iteration",), v.rechunk(block)) for k, v in per_step.items()}
+    return variables
+
+
+def _complete(root: Any, split: str, steps: int, block: int) -> np.ndarray:
+    """Per iteration: is its block recorded as done (the completion record, not a scan for NaN)."""
+    flags = np.asarray(root[array_names(split)["done"]][:]).astype(bool)
+    return np.repeat(flags, block)[:steps] if flags.size else np.zeros(steps, dtype=bool)
 
 
 def computed_splits(root: Any) -> list[str]:
     return [s for s in ("train", "heldout") if array_names(s)["lca"] in root]
 
 
-def open_lca(path: str) -> xr.Dataset:
-    """Open a store's LCA as a lazy Dataset (dims iteration, parameter, layer); see docs/ARCHITECTURE.md."""
+def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
+    """Open a store's LCA as a lazy Dataset (dims iteration, parameter, layer); see docs/ARCHITECTURE.md.
+
+    A result still being computed has NaN rows, which xarray's reductions skip by default; so a partial
+    result never opens silently. `incomplete`: "warn" (default: an `IncompleteResultWarning` with the count
+    of missing iterations; the `complete` coordinate marks the finished ones and `ds.lca` analyses refuse
+    the result until it is whole or narrowed with `ds.lca.completed()`), "raise" (an
+    `IncompleteResultError`), or "drop" (only the finished iterations, with a warning saying how many
+    were left out).
+    """
+    import warnings
+
     from trajectory_store import open_trajectory
 
+    if incomplete not in ("warn", "raise", "drop"):
+        raise LCAError(f"incomplete must be 'warn', 'raise' or 'drop', not {incomplete!r}")
     reader = open_trajectory(path)
     root, layout = reader.group, reader.layout
     splits = computed_splits(root)
@@ -53,34 +75,59 @@ def open_lca(path: str) -> xr.Dataset:
         raise LCAError(f"{path} has no LCA yet; compute it with `lca compute {path}` (or `make lca`)")
     steps = int(root[array_names(splits[0])["lca"]].shape[0])
     variables: dict[str, tuple] = {}
+    complete: dict[str, tuple] = {}
     done, total = 0, 0
     for split in splits:
-        variables.update(_split_variables(root, split, layout, steps))
+        lca_attrs = root[array_names(split)["lca"]].attrs
+        block = int(lca_attrs.get("block", steps) or steps) or 1
+        variables.update(_split_variables(root, split, layout, steps, block))
         flags = np.asarray(root[array_names(split)["done"]][:])
         done, total = done + int(flags.sum()), total + flags.size
+        complete[f"{split_prefix(split)}complete"] = ("iteration", _complete(root, split, steps, block))
     settings = dict(root[array_names(splits[0])["lca"]].attrs.get("settings", {}))
     coords = {
         "iteration": np.arange(steps),
         "parameter": np.arange(layout.size),
-        "layer": [t.name for t in layout.tensors],
+        "layer": np.array([t.name for t in layout.tensors], dtype=object),
         "param_layer": ("parameter", np.array(layout.names, dtype=object)[layout.layer_of_parameter()]),
         "param_unit": ("parameter", layout.unit_of_parameter()),
-        "layer_module": ("layer", [t.module for t in layout.tensors]),
+        "layer_module": ("layer", np.array([t.module for t in layout.tensors], dtype=object)),
         "layer_offset": ("layer", [t.offset for t in layout.tensors]),
         "layer_size": ("layer", [t.size for t in layout.tensors]),
         "layer_units": ("layer", [t.num_units for t in layout.tensors]),
+        "layer_shape": ("layer", np.array([json.dumps(list(t.shape)) for t in layout.tensors], dtype=object)),
+        **complete,
     }
+    missing = {s: int((~complete[f"{split_prefix(s)}complete"][1]).sum()) for s in splits}
+    # Plain str / int / float attributes only, so to_netcdf and to_zarr store them as they are.
     attrs = {
         "store": str(path),
-        "rule": settings.get("rule", ""),
+        "rule": str(settings.get("rule", "")),
         "tol": float(settings.get("tol", np.nan)),
-        "precision": settings.get("precision", ""),
+        "precision": str(settings.get("precision", "")),
         "splits_computed": ",".join(splits),
         "workflow": json.dumps(reader.workflow or {}),
+        "settings": json.dumps(settings),
         "blocks_done": done,
         "blocks_total": total,
+        "iterations_missing": max(missing.values()),
     }
-    return xr.Dataset(variables, coords=coords, attrs=attrs)
+    ds = xr.Dataset(variables, coords=coords, attrs=attrs)
+    if any(missing.values()):
+        what = ", ".join(f"{n} of {steps} iterations of lca/{s}" for s, n in missing.items() if n)
+        hint = f"finish it with `lca compute {path}`"
+        if incomplete == "raise":
+            raise IncompleteResultError(f"{path} is incomplete: {what} not computed yet; {hint}")
+        if incomplete == "drop":
+            keep = np.all([c[1] for c in complete.values()], axis=0)
+            ds = ds.isel(iteration=np.flatnonzero(keep))
+            warnings.warn(f"{path}: left out {what} (not computed yet); {hint}", IncompleteResultWarning,
+                          stacklevel=2)
+        else:
+            warnings.warn(f"{path} is incomplete: {what} not computed yet (NaN rows, which .sum() would skip); "
+                          f"{hint}, or analyse the finished part with ds.lca.completed()",
+                          IncompleteResultWarning, stacklevel=2)
+    return ds
 
 
 def describe(path: str) -> str:

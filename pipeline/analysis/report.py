@@ -51,6 +51,14 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
     ds = analysis.LCAAccessor(ds).completed("train")
     if ds.sizes["iteration"] == 0:
         raise LCAError(f"no completed LCA steps in {store} yet: {hint}")
+    if ds.sizes["iteration"] < steps_total:
+        import warnings
+
+        from pipeline.errors import IncompleteResultWarning
+
+        warnings.warn(f"{steps_total - ds.sizes['iteration']} of {steps_total} iterations of {store} are not computed "
+                      f"yet; the report covers the {ds.sizes['iteration']} finished ones ({hint} to finish)",
+                      IncompleteResultWarning, stacklevel=2)
     acc = analysis.LCAAccessor(ds)
 
     scan = acc.scan("train", iteration_bins=HEATMAP_BINS)

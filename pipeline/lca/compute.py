@@ -22,6 +22,32 @@ from pipeline.lca.plan import Settings, SplitStats, plan_split, split_stats
 from pipeline.lca.worker import TaskSpec, run_block
 
 CONNECT_TIMEOUT_S = 10
+LOOPBACK = "127.0.0.1"
+MAX_CPU_WORKERS = 4  # without GPUs: one worker per CPU core, at most this many (`--workers` help, README)
+
+
+def default_workers(cuda: bool) -> int:
+    """One worker per GPU; without GPUs one per CPU core, at most MAX_CPU_WORKERS (each holds the data)."""
+    import torch
+
+    return torch.cuda.device_count() if cuda else min(MAX_CPU_WORKERS, os.cpu_count() or 1)
+
+
+def dashboard_bind(address: str | None) -> str:
+    """`--dashboard-address` as what LocalCluster binds: loopback on a free port unless asked otherwise.
+
+    "PORT" means loopback on that port; "HOST:PORT" binds that host (":PORT" or "0.0.0.0:PORT" every
+    interface, which the user must ask for by name: the dashboard shows code and data paths).
+    """
+    if address is None or address == "":
+        return f"{LOOPBACK}:0"
+    host, sep, port = str(address).rpartition(":")
+    if not sep:
+        host = LOOPBACK
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or any(c.isspace() for c in host):
+        raise LCAError(f"--dashboard-address must be PORT, HOST:PORT or :PORT (all interfaces), got {address!r}; "
+                       f"for example 127.0.0.1:8787")
+    return f"{host}:{int(port)}"
 
 
 @dataclass
@@ -56,7 +82,7 @@ class ComputeSummary:
                 f"{st.points_mean:.3f} gradient evaluations per step")
         if self.workers:
             lines.append(f"  {self.workers} worker(s) on {', '.join(sorted(set(self.devices))) or 'n/a'}, "
-                         f"{self.seconds:.1f} s")
+                         f"{self.seconds:.1f} s" + (f"; dashboard was at {self.dashboard}" if self.dashboard else ""))
         lines.append(f"dataset: pipeline.open_lca({self.store!r})  (summary: lca info {self.store})")
         return "\n".join(lines)
 
@@ -69,7 +95,7 @@ def resolve_settings(wf: Workflow, **overrides: Any) -> Settings:
 
 
 @contextlib.contextmanager
-def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
+def _client(workers: int, scheduler: str | None, dashboard_address: str | None = None) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -87,8 +113,11 @@ def _client(workers: int, scheduler: str | None) -> Iterator[Any]:
     # while it cleans them up itself; that noise would bury the one-line error. The tracker process reads
     # its warning filters from the environment, so the filter has to go there.
     os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
-    # A random port: two runs on one machine must not fight over 8787 (None does not disable the server).
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+    # Every listener (scheduler, nannies, workers, dashboard) on loopback: a store path or a task is nobody
+    # else's business on a shared machine. The dashboard's port is random unless asked for (two runs on one
+    # machine must not fight over 8787).
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host=LOOPBACK,
+                      dashboard_address=dashboard_bind(dashboard_address),
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
         yield client
 
@@ -109,11 +138,15 @@ def compute_lca(
     block_steps: int | None = None,
     workflow: Workflow | None = None,
     progress: bool = True,
+    dashboard_address: str | None = None,
 ) -> ComputeSummary:
     """Compute LCA for every recorded step of `store` and write it into the store's `lca/` group.
 
     `workflow` is needed only for stores written by a user's own loop without one: it names the model and
     data to evaluate. Blocks already done under the same settings are skipped unless `recompute`.
+    A local cluster listens on loopback only; its dashboard link is printed (with `progress`) and kept in
+    the summary; `dashboard_address` ("PORT", "HOST:PORT") fixes where it listens. Steps that end outside
+    the tolerance even at `max_splits` give a `ToleranceWarning` with their share.
     """
     import torch
     from trajectory_store import open_trajectory
@@ -124,6 +157,10 @@ def compute_lca(
         raise LCAError(f"--threads-per-worker must be at least 1, got {threads_per_worker}")
     if block_steps is not None and block_steps < 1:
         raise LCAError(f"block_steps must be at least 1, got {block_steps}")
+    if dashboard_address is not None and scheduler:
+        raise LCAError("--dashboard-address sets up the local cluster's dashboard; with --scheduler the dashboard "
+                       "is the running scheduler's own (its link is printed): drop one of the two")
+    dashboard_bind(dashboard_address)  # a bad address fails before anything starts
     if device == "cuda" and not scheduler and not torch.cuda.is_available():
         raise LCAError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu")
 
@@ -150,13 +187,13 @@ def compute_lca(
     t0 = time.perf_counter()
     if pending:
         cuda_here = torch.cuda.is_available() and device != "cpu"
-        n = workers or (torch.cuda.device_count() if cuda_here else min(4, os.cpu_count() or 1))
+        n = workers or default_workers(cuda_here)
         threads = threads_per_worker or (None if scheduler else max(1, (os.cpu_count() or 1) // n))
         spec = TaskSpec(store=store, created=str(reader.attrs.get("created", "")), workflow=workflow.to_dict(),
                         settings=settings.to_json(), device=device,
                         threads=threads)
-        with _client(n, scheduler) as client:
-            with contextlib.suppress(Exception):  # no dashboard without bokeh; that is fine
+        with _client(n, scheduler, dashboard_address) as client:
+            with contextlib.suppress(Exception):  # bokeh is a dependency, but a scheduler may run without it
                 summary.dashboard = client.dashboard_link if scheduler or importlib.util.find_spec("bokeh") else None
             summary.workers = len(client.scheduler_info().get("workers", {})) or n
             results = _run(client, spec, pending, reader.num_steps, progress, summary.dashboard)
@@ -165,7 +202,26 @@ def compute_lca(
     computed = {p.split: sum(1 for b in pending if b.split == p.split) for p in plans}
     summary.splits = [SplitSummary(p.split, p.steps, computed[p.split],
                                    split_stats(reader.group, p.split, p.settings.tol)) for p in plans]
+    _warn_unreached_tolerance(summary)
     return summary
+
+
+def _warn_unreached_tolerance(summary: ComputeSummary) -> None:
+    """A tolerance below what the rule and precision can reach costs max_splits' gradients on every step
+    and still fails: say so, with the share that made it, instead of passing silently."""
+    import warnings
+
+    from pipeline.errors import ToleranceWarning
+
+    s = summary.settings
+    for sp in summary.splits:
+        st = sp.stats
+        if st.steps_done and st.within_tol < 1.0:
+            warnings.warn(
+                f"only {100 * st.within_tol:.1f}% of {st.steps_done} {sp.split} steps reached |residual| <= tol "
+                f"{s.tol:g} (rule {s.rule}, max splits {s.max_splits}, {s.precision}; {st.points_mean:.1f} gradient "
+                f"evaluations per step); the others are stored with larger residuals: raise --tol, raise "
+                f"--max-splits or use --precision fp64", ToleranceWarning, stacklevel=3)
 
 
 def _run(client: Any, spec: TaskSpec, pending: list, steps: int, progress: bool,

@@ -79,19 +79,20 @@ def _create_arrays(root: zarr.Group, split: str, steps: int, size: int, block: i
                    settings: Settings) -> None:
     names = array_names(split)
     nblocks = -(-steps // block)
+    # Dimension names (as in trajectory/) let plain xarray open the group: `xr.open_zarr(store, group="lca")`.
     specs = {
-        "lca": ((steps, size), (block, param_chunk), "float32", float("nan")),
-        "loss": ((steps + 1,), (block,), "float64", float("nan")),
-        "residual": ((steps,), (block,), "float64", float("nan")),
-        "points": ((steps,), (block,), "int32", 0),
-        "splits": ((steps,), (block,), "int32", 0),
+        "lca": ((steps, size), (block, param_chunk), "float32", float("nan"), ("step", "parameter")),
+        "loss": ((steps + 1,), (block,), "float64", float("nan"), ("checkpoint",)),
+        "residual": ((steps,), (block,), "float64", float("nan"), ("step",)),
+        "points": ((steps,), (block,), "int32", 0, ("step",)),
+        "splits": ((steps,), (block,), "int32", 0, ("step",)),
     }
     # The completion record goes first and empty: if planning dies half-way, nothing claims to be done.
     root.create_array(names["done"], shape=(nblocks,), chunks=(1,), dtype="uint8", fill_value=0,
-                      overwrite=True)
-    for key, (shape, chunks, dtype, fill) in specs.items():
+                      overwrite=True, dimension_names=("block",))
+    for key, (shape, chunks, dtype, fill, dims) in specs.items():
         root.create_array(names[key], shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                          compressors=_compressors(), overwrite=True)
+                          compressors=_compressors(), overwrite=True, dimension_names=dims)
     root[names["lca"]].attrs.update({"format": FORMAT, "settings": settings.to_json(), "block": block,
                                      "steps": steps})
 
