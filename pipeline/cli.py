@@ -162,13 +162,36 @@ def info(store: str) -> None:
 @main.command()
 @click.argument("store")
 @click.option("--out", default=None, help="Output folder [default: reports/<store name>].")
+@click.option("--format", "formats", default="png,svg", show_default=True,
+              help="Figure formats, comma-separated: PNG always, plus svg and/or pdf.")
 @_user_errors
-def report(store: str, out: str | None) -> None:
-    """Write the paper's figures and summary.json for STORE, and print the summary table."""
-    from pipeline.analysis.report import write_report
+def report(store: str, out: str | None, formats: str) -> None:
+    """Write the paper's figures, summary.json and index.html (one self-contained page) for STORE."""
+    from pipeline.analysis.report import parse_formats, write_report
 
+    formats_ = parse_formats(formats)  # a bad format fails before any work
     out = out or str(Path("reports") / Path(store.rstrip("/")).stem)
-    write_report(store, out)
+    write_report(store, out, formats=formats_)
+
+
+@main.group()
+def export() -> None:
+    """Write a computed result in another tool's format."""
+
+
+@export.command("tensorboard")
+@click.argument("store")
+@click.argument("logdir")
+@click.option("--histogram-every", type=int, default=None,
+              help="Steps between per-layer LCA histograms [default: about 100 per layer over the run].")
+@_user_errors
+def export_tensorboard_cmd(store: str, logdir: str, histogram_every: int | None) -> None:
+    """Per-layer LCA and helped fraction as TensorBoard scalars, per-layer LCA histograms: `tensorboard --logdir LOGDIR`."""
+    from pipeline.analysis.tensorboard import export_tensorboard
+
+    done = export_tensorboard(store, logdir, histogram_every=histogram_every)
+    click.echo(f"wrote {done['iterations']} iterations x {len(done['layers'])} layers (histograms every "
+               f"{done['histogram_every']} steps) to {done['logdir']}; view with: tensorboard --logdir {done['logdir']}")
 
 
 @main.command()

@@ -369,3 +369,36 @@ def test_datasets_with_the_old_names_still_analyse():
     ds = make_dataset(HAND, LAYERS_A).rename({"lca_param": "lca", "lca_layer": "lca_by_layer"})
     np.testing.assert_allclose(ds.lca.helped_fraction().values, [0.5, 0.75, 0.4])
     np.testing.assert_allclose(ds.lca.layer_totals().values, [-2, 3])
+
+
+def test_helped_fraction_per_layer_and_module_in_model_order():
+    # layer b before a in parameter order: the result must keep model order, not sort names
+    layers = [("b.weight", "b", (2, 2)), ("b.bias", "b", (2,))]
+    ds = make_dataset(HAND, layers)
+    per_layer = ds.lca.helped_fraction(by="layer")
+    assert list(per_layer.layer.values) == ["b.weight", "b.bias"] and per_layer.dims == ("iteration", "layer")
+    # iteration 0: weight [-1, 2, 0, -3] moved 3 helped 2; bias [0, 4] moved 1 helped 0
+    # iteration 1: weight [-1, -1, -1, 1] 3/4; bias [0, 0] nothing moved -> NaN
+    np.testing.assert_allclose(per_layer.values[:2], [[2 / 3, 0.0], [0.75, np.nan]])
+    per_module = ds.lca.helped_fraction(by="module")
+    np.testing.assert_allclose(per_module.values[:, 0], [0.5, 0.75, 0.4])
+    stats = ds.lca.helped_fraction_stats(by="layer")
+    assert list(stats.layer.values) == ["b.weight", "b.bias"]
+    # pooled over iterations: weight helped 2 + 3 + 1 = 6 of moved 3 + 4 + 4 = 11
+    assert float(stats.pooled.sel(layer="b.weight")) == pytest.approx(6 / 11)
+    with pytest.raises(ValueError, match="by must be"):
+        ds.lca.helped_fraction(by="unit")
+
+
+def test_synchronisation_result_has_a_short_repr_and_warns_when_too_short():
+    from pipeline.analysis.accessor import Synchronisation
+    from pipeline.errors import ShortRunWarning
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((66, 6)).astype(np.float32)
+    with pytest.warns(ShortRunWarning, match="66 iterations are fewer than two 51-iteration windows"):
+        s = make_dataset(x, LAYERS_A).lca.synchronisation(by="layer", draws=300)
+    assert isinstance(s, Synchronisation) and s.null_counts.shape == (300,)
+    text = repr(s)
+    assert text.count("\n") <= 1 and len(text) < 400 and "ratio" in text and "warning" in text
+    assert s["ratio"] == s.ratio and "null_counts" in s.keys()

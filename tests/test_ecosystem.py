@@ -231,13 +231,163 @@ def test_partial_result_raise_and_drop(partial):
     assert ds.sizes["iteration"] == 32 and bool(ds["complete"].all())
 
 
-def test_report_of_a_partial_result_warns_with_the_count(partial, tmp_path):
-    proc = subprocess.run(LCA + ["report", str(partial), "--out", str(tmp_path / "r")], cwd=ROOT,
+@pytest.fixture(scope="module")
+def partial_report(computed, tmp_path_factory):
+    """`lca report --format png,pdf` on a partial store, through the real CLI."""
+    base = tmp_path_factory.mktemp("partial-report")
+    store = base / "partial.zarr"
+    shutil.copytree(computed[0], store)
+    root = zarr.open_group(str(store), mode="r+")
+    root["lca/blocks_done"][1] = 0
+    root["lca/train"][16:32] = np.nan
+    root["lca/residual"][16:32] = np.nan
+    out = base / "report"
+    proc = subprocess.run(LCA + ["report", str(store), "--out", str(out), "--format", "png,pdf"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_report_of_a_partial_result_warns_with_the_count(partial_report):
+    out, proc = partial_report
     assert re.search(r"warning: .*16 of 48 iterations", proc.stderr), proc.stderr
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 32 and summary["steps_total"] == 48
+
+
+def test_report_writes_png_plus_the_asked_vector_format(partial_report):
+    from pipeline.analysis.report import FIGURES
+
+    out, _ = partial_report
+    for png in FIGURES.values():
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / png).with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+        assert not (out / png).with_suffix(".svg").exists()
+
+
+class _Page:
+    """What index.html asks a browser to load, and its text."""
+
+    def __init__(self, text: str) -> None:
+        from html.parser import HTMLParser
+
+        self.resources: list[tuple[str, str, str]] = []
+        self.tags: list[str] = []
+        self.text: list[str] = []
+        page = self
+
+        class Parser(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                page.tags.append(tag)
+                for k, v in attrs:
+                    if k in ("src", "href", "data", "poster", "srcset"):
+                        page.resources.append((tag, k, v or ""))
+
+            def handle_data(self, data):
+                page.text.append(data)
+
+        Parser().feed(text)
+
+
+def test_html_report_is_one_self_contained_page(partial_report):
+    import base64
+    import io
+
+    import matplotlib.image as mpimg
+
+    from pipeline.analysis.report import FIGURES
+
+    out, _ = partial_report
+    page = _Page((out / "index.html").read_text())
+    assert "script" not in page.tags and "link" not in page.tags and "iframe" not in page.tags
+    images = [v for tag, k, v in page.resources if tag == "img"]
+    assert len(images) == len(FIGURES)
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        img = mpimg.imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")
+        assert img.shape[0] > 300 and img[..., :3].std() > 0.05
+    others = [v for tag, k, v in page.resources if tag != "img"]
+    assert all(v.startswith("#") for v in others), others  # in-page anchors only
+    text = " ".join(" ".join(page.text).split())
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"Loss Change Allocation: {summary['run']}" in text
+    assert "16 of 48 iterations are not computed yet" in text  # the partial result is flagged on the page
+    for needle in ("parameters that helped, per step", "Settings", "tol", "rk4", "Problem definition",
+                   "Workflow", "peak synchronisation", "layers.0.weight", "helped fraction / step"):
+        assert needle in text, needle
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(n)), None)
+
+
+def _open_in_chromium(page: Path, shot: Path) -> list[str]:
+    """Load `page` in headless Chromium, screenshot it, return its console messages."""
+    proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                           "--v=0", f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.exists(), proc.stderr[-3000:]
+    return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed: `make test-browser` installs "
+                                                 "Debian's chromium and runs this test")
+def test_html_report_opens_in_headless_chromium(partial_report, tmp_path):
+    import matplotlib.image as mpimg
+
+    out, _ = partial_report
+    # The check can fail: a page with an outside image and a script error gives console messages.
+    bad = tmp_path / "bad.html"
+    bad.write_text((out / "index.html").read_text().replace(
+        "</body>", "<img src='http://example.invalid/x.png'><script>missing()</script></body>"))
+    assert _open_in_chromium(bad, tmp_path / "bad.png")
+    console = _open_in_chromium(out / "index.html", tmp_path / "shot.png")
+    assert console == [], console
+    shot = mpimg.imread(tmp_path / "shot.png")[..., :3]
+    assert shot.std() > 0.05 and (shot.min(axis=2) < 0.5).mean() > 0.01  # text and tables, not a blank page
+
+
+# -- TensorBoard -------------------------------------------------------------------------------------------
+
+
+def test_tensorboard_export_reads_back(computed, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = computed[0]
+    logdir = tmp_path / "tb"
+    proc = subprocess.run(LCA + ["export", "tensorboard", str(store), str(logdir), "--histogram-every", "8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tensorboard --logdir" in proc.stdout
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    tags = events.Tags()
+    ds = open_lca(str(store))
+    layers = [str(n) for n in ds.layer.values]
+    assert {f"lca_layer/{n}" for n in layers} | {f"helped_fraction/{n}" for n in layers} | \
+        {"helped_fraction/all", "loss/train"} <= set(tags["scalars"])
+    lca = np.asarray(zarr.open_group(str(store), mode="r")["lca/train"][:], dtype=np.float64)
+    for t in ds.layer.values.tolist():
+        i = layers.index(t)
+        off, size = int(ds.layer_offset[i]), int(ds.layer_size[i])
+        got = events.Scalars(f"lca_layer/{t}")
+        assert [e.step for e in got] == list(range(48))
+        np.testing.assert_allclose([e.value for e in got], lca[:, off:off + size].sum(1), rtol=1e-5, atol=1e-9)
+        block = lca[:, off:off + size]
+        helped = (block < 0).sum(1) / np.maximum((block != 0).sum(1), 1)
+        np.testing.assert_allclose([e.value for e in events.Scalars(f"helped_fraction/{t}")], helped, rtol=1e-6)
+        hist = events.Histograms(f"lca_hist/{t}")
+        assert [h.step for h in hist] == list(range(0, 48, 8))
+        assert [h.histogram_value.num for h in hist] == [size] * 6
+        assert hist[0].histogram_value.sum == pytest.approx(block[0].sum(), rel=1e-4, abs=1e-9)
+
+
+def test_tensorboard_export_of_a_store_without_lca_is_one_line(digits_store, tmp_path):
+    proc = subprocess.run(LCA + ["export", "tensorboard", str(digits_store), str(tmp_path / "tb")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "tb").exists()
 
 
 # -- unreachable tolerance ---------------------------------------------------------------------------------

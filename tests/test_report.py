@@ -18,7 +18,8 @@ LAYERS = [("fc1.weight", "fc1", (16, 10)), ("fc1.bias", "fc1", (16,)),
           ("fc3.weight", "fc3", (3, 8)), ("fc3.bias", "fc3", (3,))]
 KEYS = {"store", "rule", "tol", "steps", "steps_total", "parameters", "layers", "modules", "helped_fraction",
         "distribution", "layer_totals", "hurting_layers", "module_totals", "hurting_modules", "units",
-        "synchronisation", "residual", "reconstruction", "points", "heldout", "figures"}
+        "synchronisation", "residual", "reconstruction", "points", "heldout", "figures", "run", "settings",
+        "figure_files"}
 
 
 def training_like(t: int = 150, seed: int = 0, heldout: bool = False, **kw):
@@ -48,7 +49,7 @@ def test_build_report_writes_six_figures_and_summary(tmp_path, capsys):
     assert set(s) == KEYS
     for name in FIGURES.values():
         _non_blank(tmp_path / name)
-    assert len(list(tmp_path.glob("*.png"))) == 6
+    assert len(list(tmp_path.glob("*.png"))) == 6 and len(list(tmp_path.glob("*.svg"))) == 6
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == s
     assert s["steps"] == s["steps_total"] == 150 and s["parameters"] == 339 and s["modules"] == 3
@@ -128,3 +129,42 @@ def test_lca_report_on_a_real_computed_run(digits_store, tmp_path) -> None:
     for name in FIGURES:
         _non_blank(out / FIGURES[name])
     assert "helped" in result.stdout.lower()
+
+
+def test_figures_are_stamped_vector_and_fit_their_canvas(tmp_path, monkeypatch):
+    """Every figure: PNG plus the asked vector format, the run's name in it, and no text outside the
+    canvas before `bbox_inches="tight"` would rescue it (the helped-fraction title once ran off)."""
+    import pipeline.analysis.report as report
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    checked = []
+    original = report._write
+
+    def checking_write(fig, path, style):
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()  # runs the constrained layout, stamp included
+        tight = fig.get_tightbbox(canvas.get_renderer())
+        box = fig.bbox_inches
+        assert tight.x0 >= -0.02 and tight.y0 >= -0.02 and tight.x1 <= box.x1 + 0.02 and \
+            tight.y1 <= box.y1 + 0.02, (path.name, tight, box)
+        checked.append(path.name)
+        original(fig, path, style)
+
+    monkeypatch.setattr(report, "_write", checking_write)
+    s = build_report(training_like(t=80), tmp_path, draws=50, verbose=False, formats=("svg",))
+    assert sorted(checked) == sorted(FIGURES.values())
+    for name in FIGURES.values():
+        svg = (tmp_path / name).with_suffix(".svg").read_text()
+        assert "run fake" in svg and "rule rk4" in svg, name
+        assert "RdYlGn" not in svg
+    assert s["run"] == "fake" and s["settings"]["rule"] == "rk4"
+    assert report.DIVERGING == "RdBu_r" and (report.HELPED, report.HURT) == ("#2166ac", "#b2182b")
+
+
+def test_bad_figure_format_is_one_line():
+    from pipeline.analysis.report import parse_formats
+
+    assert parse_formats("png,pdf") == ("png", "pdf") and parse_formats("svg") == ("png", "svg")
+    with pytest.raises(LCAError, match="--format 'jpg' is not a figure format"):
+        parse_formats("png,jpg")

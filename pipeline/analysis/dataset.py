@@ -112,6 +112,9 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
         "blocks_total": total,
         "iterations_missing": max(missing.values()),
     }
+    problem = reader.attrs.get("problem")
+    if problem:  # the model, data and loss by reference (issue 8), kept as JSON text like the workflow
+        attrs["problem"] = problem if isinstance(problem, str) else json.dumps(problem)
     ds = xr.Dataset(variables, coords=coords, attrs=attrs)
     if any(missing.values()):
         what = ", ".join(f"{n} of {steps} iterations of lca/{s}" for s, n in missing.items() if n)

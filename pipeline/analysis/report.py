@@ -1,16 +1,20 @@
 """`lca report`: the paper's findings for one run as `summary.json`, six figures and a printed table.
 
 `build_report(ds, out)` does the work on any Dataset shaped like `open_lca`'s (tests pass fakes);
-`write_report(store, out)` opens the store first. Only iterations whose LCA is complete are used, so a
-report of a run still being computed describes the finished part. `lca_param` is read once (`ds.lca.scan`).
+`write_report(store, out)` opens the store first. Figures are PNG plus SVG or PDF (`formats`), in a
+colour-blind-safe blue-red scheme, each stamped with the run's name and settings; `index.html` puts them,
+the summary table, the settings and the problem definition on one self-contained page. Only iterations
+whose LCA is complete are used, so a report of a run still being computed describes the finished part (with
+a warning giving the count). `lca_param` is read once (`ds.lca.scan`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,21 +30,43 @@ FIGURES = {
 }
 HEATMAP_BINS = 400  # iteration bins in the unit heat map: finer than any figure shows
 MAX_PANELS = 24
-HELPED, HURT = "#1a9850", "#d73027"  # RdYlGn ends: green helped (LCA < 0), red hurt
+# Colour-blind-safe diverging scheme (ColorBrewer RdBu): blue helped (LCA < 0), red hurt. Red-green maps
+# (RdYlGn) lose their meaning for the 1 in 12 men with red-green colour blindness.
+HELPED, HURT = "#2166ac", "#b2182b"
+DIVERGING = "RdBu_r"
+FORMATS = ("png", "svg", "pdf")  # PNG always; SVG / PDF beside it for print (`lca report --format png,pdf`)
+DPI = 200
 
 
-def write_report(store: str, out: str) -> dict[str, Any]:
+def write_report(store: str, out: str, formats: Sequence[str] = ("png", "svg")) -> dict[str, Any]:
     """Open STORE's LCA and write the report into OUT; returns the summary (also `OUT/summary.json`)."""
     from pipeline.analysis.dataset import open_lca
 
-    return build_report(open_lca(store), out)
+    return build_report(open_lca(store), out, formats=formats)
+
+
+def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
+    """`--format png,svg`: PNG always (the HTML page and READMEs embed it), plus any of svg / pdf."""
+    from pipeline.errors import LCAError
+
+    items = [f.strip().lower().lstrip(".") for f in (text.split(",") if isinstance(text, str) else text)]
+    bad = [f for f in items if f and f not in FORMATS]
+    if bad:
+        raise LCAError(f"--format {bad[0]!r} is not a figure format; choose from {', '.join(FORMATS)} "
+                       f"(comma-separated, e.g. png,pdf)")
+    return ("png",) + tuple(dict.fromkeys(f for f in items if f and f != "png"))
 
 
 def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: int = 0,
-                 quantile: float = 0.9, seed: int = 0, verbose: bool = True) -> dict[str, Any]:
-    """Compute the summary of `ds`, write figures and `summary.json` into `out`, print the table."""
+                 quantile: float = 0.9, seed: int = 0, verbose: bool = True,
+                 formats: Sequence[str] = ("png", "svg")) -> dict[str, Any]:
+    """Compute the summary of `ds`, write figures (PNG plus `formats`), `summary.json` and the one-page
+    `index.html` into `out`, print the table."""
     from pipeline.analysis import accessor as analysis
+    from pipeline.analysis.html import write_html
     from pipeline.errors import LCAError
+
+    formats = parse_formats(formats)
 
     store = ds.attrs.get("store", "STORE")
     hint = f"run `lca compute {store}` (or `make lca`) first"
@@ -96,17 +122,86 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _plot_loss(out / FIGURES["loss"], ds, recon)
-    _plot_helped(out / FIGURES["helped"], scan["helped_fraction"], summary["helped_fraction"])
-    _plot_layer_totals(out / FIGURES["layers"], layer_totals)
-    _plot_cumulative(out / FIGURES["cumulative"], acc.cumulative("train").compute())
-    _plot_units(out / FIGURES["units"], ds, scan["unit_lca"])
-    _plot_sync(out / FIGURES["sync"], acc.peaks("train", "module", quantile), sync)
+    style = Style(stamp=run_stamp(ds, steps_total), formats=formats)
+    summary["run"] = run_name(ds)
+    summary["settings"] = _settings(ds)
+    summary["figure_files"] = [f"{Path(n).stem}.{fmt}" for n in FIGURES.values() for fmt in formats]
+    _plot_loss(out / FIGURES["loss"], ds, recon, style)
+    _plot_helped(out / FIGURES["helped"], scan["helped_fraction"], summary["helped_fraction"], style)
+    _plot_layer_totals(out / FIGURES["layers"], layer_totals, style)
+    _plot_cumulative(out / FIGURES["cumulative"], acc.cumulative("train").compute(), style)
+    _plot_units(out / FIGURES["units"], ds, scan["unit_lca"], style)
+    _plot_sync(out / FIGURES["sync"], acc.peaks("train", "module", quantile), sync, style)
     summary = _jsonable(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_html(out, summary, format_summary(summary), problem=_problem(ds), workflow=_workflow(ds),
+               stamp=style.stamp)
     if verbose:
         print(format_summary(summary, out))
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the run was: its name and settings, on every figure and on the page
+
+
+def _workflow(ds: xr.Dataset) -> dict[str, Any]:
+    try:
+        wf = json.loads(ds.attrs.get("workflow") or "{}")
+    except (TypeError, ValueError):
+        wf = {}
+    return wf if isinstance(wf, dict) else {}
+
+
+def _problem(ds: xr.Dataset) -> dict[str, Any] | None:
+    """The problem definition (model, data, loss by reference) when the store records one."""
+    raw = ds.attrs.get("problem")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except (TypeError, ValueError):
+        return {"raw": str(raw)}
+
+
+def _settings(ds: xr.Dataset) -> dict[str, Any]:
+    try:
+        settings = json.loads(ds.attrs.get("settings") or "{}")
+    except (TypeError, ValueError):
+        settings = {}
+    base = {"rule": ds.attrs.get("rule"), "tol": ds.attrs.get("tol"), "precision": ds.attrs.get("precision")}
+    return {k: v for k, v in (base | settings).items() if v not in (None, "")}
+
+
+def run_name(ds: xr.Dataset) -> str:
+    """The workflow's name, else the store's folder name: what a reader of a figure calls the run."""
+    name = _workflow(ds).get("name")
+    if name:
+        return str(name)
+    store = str(ds.attrs.get("store", "") or "")
+    return Path(store.rstrip("/")).stem or "LCA run"
+
+
+def run_stamp(ds: xr.Dataset, steps_total: int | None = None) -> str:
+    """One line naming the run and how its LCA was computed; printed on every figure."""
+    st = _settings(ds)
+    parts = [f"run {run_name(ds)}"]
+    if ds.attrs.get("store"):
+        parts.append(f"store {ds.attrs['store']}")
+    how = ", ".join(f"{k.replace('_', ' ')} {v:g}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+                    for k, v in st.items() if k in ("rule", "tol", "max_splits", "precision"))
+    if how:
+        parts.append(how)
+    steps = int(ds.sizes.get("iteration", 0))
+    parts.append(f"{steps} of {steps_total} iterations" if steps_total and steps_total != steps
+                 else f"{steps} iterations")
+    return "  ·  ".join(parts)
+
+
+@dataclass(frozen=True)
+class Style:
+    stamp: str
+    formats: tuple[str, ...] = ("png",)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,7 +332,8 @@ def format_summary(s: dict[str, Any], out: Path | str | None = None) -> str:
                      f"{f(h['correlation_per_iteration'], '.3f')}  "
                      f"layers agreeing in sign {f(h['sign_agreement'], '.0%')}")
     if out is not None:
-        lines.append(f"{'written to':<{w}}{out}/summary.json and {len(s['figures'])} figures")
+        lines.append(f"{'written to':<{w}}{out}/index.html (open it in a browser), summary.json and "
+                     f"{len(s['figures'])} figures")
     return "\n".join(lines)
 
 
@@ -251,11 +347,33 @@ def _figure(**kw: Any):
     return Figure(layout="constrained", **kw)
 
 
-def _save(fig: Any, path: Path) -> None:
-    fig.savefig(path, dpi=110)
+def _wrap(text: str, width_in: float, fontsize: float = 10) -> str:
+    """Break a title into lines that fit `width_in` inches (about 1.9 characters per point-inch), so a long
+    conclusion wraps instead of running off the figure."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, max(20, int(width_in * 144 / fontsize / 1.05)))) or text
 
 
-def _plot_loss(path: Path, ds: xr.Dataset, recon: xr.Dataset) -> None:
+def _save(fig: Any, path: Path, style: Style) -> None:
+    """PNG (at DPI) plus the vector formats asked for. The run's stamp goes under the figure, inside the
+    layout; `bbox_inches="tight"` then makes sure no title, label or legend is cut off at the edge."""
+    fig.supxlabel(_wrap(style.stamp, fig.get_figwidth(), 7.5), fontsize=7.5, color="#444444", ha="center")
+    _write(fig, path, style)
+
+
+def _write(fig: Any, path: Path, style: Style) -> None:
+    import matplotlib
+
+    # SVG keeps its text as text (not glyph paths), so a figure can be edited and searched for its run name.
+    with matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+        for fmt in style.formats:
+            target = path.with_suffix(f".{fmt}")
+            fig.savefig(target, dpi=DPI if fmt == "png" else None, bbox_inches="tight", pad_inches=0.12,
+                        metadata=None if fmt == "png" else {"Title": path.stem})
+
+
+def _plot_loss(path: Path, ds: xr.Dataset, recon: xr.Dataset, style: Style) -> None:
     import numpy as np
 
     it = ds["iteration"].values + 1  # loss_after at step t is the loss at checkpoint t + 1
@@ -274,27 +392,28 @@ def _plot_loss(path: Path, ds: xr.Dataset, recon: xr.Dataset) -> None:
     bottom.set_ylabel("residual r_t")
     bottom.set_xlabel("iteration")
     bottom.grid(alpha=0.3)
-    _save(fig, path)
+    _save(fig, path, style)
 
 
-def _plot_helped(path: Path, frac: xr.DataArray, stats: dict[str, Any]) -> None:
+def _plot_helped(path: Path, frac: xr.DataArray, stats: dict[str, Any], style: Style) -> None:
     import numpy as np
 
     f = frac.values[np.isfinite(frac.values)]
     fig = _figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    ax.hist(f, bins=int(np.clip(len(f) // 5, 10, 60)), color="tab:green", alpha=0.75, edgecolor="white")
+    ax.hist(f, bins=int(np.clip(len(f) // 5, 10, 60)), color=HELPED, alpha=0.75, edgecolor="white")
     ax.axvline(0.5, color="grey", ls="--", lw=1, label="one half")
     ax.axvline(stats["mean"], color="black", lw=1.5,
                label=f"mean {stats['mean']:.4f} ± {stats['std']:.4f}")
     ax.set_xlabel("fraction of moved parameters that helped (LCA < 0), per iteration")
     ax.set_ylabel("iterations")
-    ax.set_title("Fraction of parameters that helped, per iteration (paper: 50.7%, barely over half)")
+    ax.set_title(_wrap("Fraction of parameters that helped, per iteration (paper: 50.7%, barely over half)",
+                       fig.get_figwidth() * 0.85))
     ax.legend()
-    _save(fig, path)
+    _save(fig, path, style)
 
 
-def _plot_layer_totals(path: Path, totals: xr.DataArray) -> None:
+def _plot_layer_totals(path: Path, totals: xr.DataArray, style: Style) -> None:
     import numpy as np
 
     v = totals.values
@@ -307,12 +426,12 @@ def _plot_layer_totals(path: Path, totals: xr.DataArray) -> None:
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("total LCA over training (negative: helped, positive: hurt)")
-    ax.set_title("Total LCA per layer: green helped, red hurt")
+    ax.set_title("Total LCA per layer: blue helped, red hurt")
     ax.grid(axis="x", alpha=0.3)
-    _save(fig, path)
+    _save(fig, path, style)
 
 
-def _plot_cumulative(path: Path, cum: xr.DataArray) -> None:
+def _plot_cumulative(path: Path, cum: xr.DataArray, style: Style) -> None:
     import numpy as np
 
     it = cum["iteration"].values
@@ -329,10 +448,11 @@ def _plot_cumulative(path: Path, cum: xr.DataArray) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("iteration")
     ax.set_ylabel("cumulative LCA")
-    ax.set_title("Cumulative LCA per layer (below zero: the layer has lowered the loss so far)")
+    ax.set_title(_wrap("Cumulative LCA per layer (below zero: the layer has lowered the loss so far)",
+                       fig.get_figwidth() * 0.7))
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    _save(fig, path, style)
 
 
 def _weight_modules(ds: xr.Dataset) -> list[str]:
@@ -343,7 +463,7 @@ def _weight_modules(ds: xr.Dataset) -> list[str]:
     return chosen or list(dict.fromkeys(str(m) for m in mods))
 
 
-def _plot_units(path: Path, ds: xr.Dataset, units: xr.DataArray) -> None:
+def _plot_units(path: Path, ds: xr.Dataset, units: xr.DataArray, style: Style) -> None:
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
@@ -360,7 +480,7 @@ def _plot_units(path: Path, ds: xr.Dataset, units: xr.DataArray) -> None:
         sel = units.unit_module.values == mod
         data = units.values[:, sel].T  # (unit, iteration bin)
         norm = _symlog_norm(data)
-        im = ax.imshow(data, aspect="auto", origin="lower", cmap="RdYlGn_r", norm=norm,
+        im = ax.imshow(data, aspect="auto", origin="lower", cmap=DIVERGING, norm=norm,
                        interpolation="nearest", extent=(it[0], it[-1] + step, -0.5, data.shape[0] - 0.5))
         ax.set_title(f"{mod} ({data.shape[0]} units)", fontsize=10)
         ax.set_xlabel("iteration")
@@ -369,8 +489,9 @@ def _plot_units(path: Path, ds: xr.Dataset, units: xr.DataArray) -> None:
         fig.colorbar(im, ax=ax, shrink=0.85, label="LCA", ticks=_symlog_ticks(norm))
     for ax in axes[len(mods):]:
         ax.set_visible(False)
-    fig.suptitle("LCA per unit and iteration: green helped, red hurt (symmetric log colour scale)")
-    _save(fig, path)
+    fig.suptitle(_wrap("LCA per unit and iteration: blue helped, red hurt (symmetric log colour scale)",
+                       fig.get_figwidth(), 12))
+    _save(fig, path, style)
 
 
 def _symlog_ticks(norm: Any) -> list[float]:
@@ -399,22 +520,22 @@ def _symlog_norm(data: np.ndarray):
     return SymLogNorm(linthresh=linthresh, vmin=-vmax, vmax=vmax, base=10)
 
 
-def _plot_sync(path: Path, peaks: xr.DataArray, sync: dict[str, Any]) -> None:
+def _plot_sync(path: Path, peaks: xr.DataArray, sync: Any, style: Style) -> None:
     import numpy as np
 
     fig = _figure(figsize=(12, max(3.5, 0.3 * peaks.shape[1] + 2)))
     left, right = fig.subplots(1, 2, width_ratios=[2.2, 1])
     it = peaks["iteration"].values
     names = [str(n) for n in peaks[peaks.dims[1]].values]
-    left.eventplot([it[peaks.values[:, i]] for i in range(len(names))], colors="tab:green",
+    left.eventplot([it[peaks.values[:, i]] for i in range(len(names))], colors=HELPED,
                    lineoffsets=np.arange(len(names)), linelengths=0.8, linewidths=1.0)
     left.set_yticks(np.arange(len(names)), names, fontsize=8 if len(names) > 20 else 10)
     left.set_xlim(it[0] - 0.5, it[-1] + 0.5) if it.size else None
     left.set_ylim(len(names) - 0.5, -0.5)
     left.set_xlabel("iteration")
     where = f"{sync['local']}-iteration moving" if sync.get("local") else "whole-run"
-    left.set_title(f"Peaks of helpful LCA per module: local maxima of -LCA above its {where} "
-                   f"{sync['quantile']:.0%} quantile", fontsize=10)
+    left.set_title(_wrap(f"Peaks of helpful LCA per module: local maxima of -LCA above its {where} "
+                         f"{sync['quantile']:.0%} quantile", fig.get_figwidth() * 0.62), fontsize=10)
     null = np.asarray(sync["null_counts"])
     if null.size:
         lo, hi = int(null.min()), int(max(null.max(), sync["observed"]))
@@ -428,4 +549,4 @@ def _plot_sync(path: Path, peaks: xr.DataArray, sync: dict[str, Any]) -> None:
     right.set_title(f"ratio {ratio:.3g}, p = {sync['p_value']:.3g}" if ratio == ratio else "no peaks",
                     fontsize=10)
     right.legend(fontsize=8)
-    _save(fig, path)
+    _save(fig, path, style)
