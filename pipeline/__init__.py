@@ -7,6 +7,7 @@ Importing the package registers the `ds.lca` xarray accessor.
 from pipeline.analysis import describe, open_lca
 from pipeline.config import Workflow, load_workflow
 from pipeline.lca import compute_lca
+from pipeline.problem import Problem
 from pipeline.train import train
 
-__all__ = ["Workflow", "compute_lca", "describe", "load_workflow", "open_lca", "train"]
+__all__ = ["Problem", "Workflow", "compute_lca", "describe", "load_workflow", "open_lca", "train"]

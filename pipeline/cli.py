@@ -7,6 +7,7 @@ heavy modules happen inside the commands so `lca --help` stays instant.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -57,6 +58,9 @@ def _version() -> str:
 @click.version_option(_version(), "--version", prog_name="lca", message="%(prog)s %(version)s")
 def main() -> None:
     """Loss Change Allocation: record a training trajectory, allocate every loss change to parameters."""
+    # Factories named "mynets:make_mlp" import from the current directory, as under `python -m`.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 @main.command()
@@ -100,10 +104,14 @@ def _compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-splits", type=int, default=None, help="Finest Simpson subdivision [default: workflow's]."),
         click.option("--precision", type=click.Choice(["fp32", "tf32", "fp64"]), default=None,
                      help="[default: workflow's]"),
+        click.option("--eval-batch-size", type=int, default=None,
+                     help="Evaluation batch size (part of L with BatchNorm) [default: workflow's]."),
         click.option("--threads-per-worker", type=int, default=None, help="Torch threads per CPU worker."),
         click.option("--block-steps", type=int, default=None,
                      help="Steps per task and output chunk [default: the trajectory's chunk]."),
         click.option("--recompute", is_flag=True, help="Recompute blocks already done."),
+        click.option("--inline", "executor", flag_value="inline", default="dask",
+                     help="Run every block in this process: no Dask cluster, the same numbers."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -121,10 +129,23 @@ def _compute(store: str, **kw: Any) -> None:
 
 @main.command()
 @click.argument("store")
+@click.option("--workflow", "workflow_file", default=None, type=click.Path(dir_okay=False),
+              help="Workflow whose [model], [data], [loss] (and [lca]) describe a store that records none.")
+@click.option("--model", default=None, help="Model factory \"module:attr\" (overrides the store's / workflow's).")
+@click.option("--data", default=None, help="Data factory \"module:attr\" (overrides the store's / workflow's).")
+@click.option("--loss", default=None, help="Loss kind (cross-entropy, mse, token-cross-entropy) or factory.")
 @_compute_options
 @_user_errors
-def compute(store: str, **kw: Any) -> None:
-    """Compute LCA for every step recorded in STORE, on a Dask worker pool; rerunning resumes."""
+def compute(store: str, workflow_file: str | None, **kw: Any) -> None:
+    """Compute LCA for every step recorded in STORE, on a Dask worker pool; rerunning resumes.
+
+    A store that records its problem (our trainer, the callbacks, or a writer given `problem=`) needs
+    nothing more; a store from any other loop needs --workflow FILE or --model/--data (and --loss).
+    """
+    if workflow_file:
+        from pipeline.config import load_workflow
+
+        kw["workflow"] = load_workflow(workflow_file)
     _compute(store, **kw)
 
 

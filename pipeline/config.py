@@ -9,6 +9,7 @@ that LCA workers rebuild exactly the model and data the run used.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ SCHEDULES = ("constant", "step", "cosine")
 RULES = ("rk4", "first-order")
 SPLITS = ("train", "heldout")
 PRECISIONS = ("fp32", "tf32", "fp64")
+LOSSES = ("cross-entropy", "mse", "token-cross-entropy")
 
 
 def _choice(default: Any, choices: tuple[str, ...]) -> Any:
@@ -42,12 +44,29 @@ class DataConfig:
     synthetic_samples: int = 1024
     synthetic_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
     synthetic_classes: int = 10
+    # Your own data instead of `dataset`: "package.module:attr" returning {split: (inputs, targets) or a
+    # torch Dataset}, called with `kwargs` (see pipeline/problem/). Only train_samples applies to it too.
+    factory: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = _choice("fc", ARCHS)
     hidden: list[int] = field(default_factory=lambda: [100, 50])  # fc only: hidden layer widths
+    # Your own model instead of `arch`: "package.module:attr" returning an nn.Module, called with `kwargs`.
+    factory: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """What L averages: a built-in `kind`, or `factory` ("package.module:attr" called with `kwargs`,
+    returning `loss(output, targets) -> (summed loss, count)`)."""
+
+    kind: str = _choice("cross-entropy", LOSSES)
+    factory: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,7 @@ class Workflow:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -103,6 +123,7 @@ class Workflow:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "workflow") -> "Workflow":
+        _check_exclusive(raw, source)
         wf = _build(cls, raw, source, "")
         _check_semantics(wf, source)
         return wf
@@ -139,6 +160,13 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is dict:  # factory kwargs: a table of JSON values, stored in the store and sent to workers
+        if not isinstance(value, Mapping):
+            raise WorkflowError(f"{where} must be a table, e.g. {{ hidden = 64 }}; got {value!r}")
+        try:
+            return json.loads(json.dumps(dict(value), allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise WorkflowError(f"{where} must hold only JSON values (no dates, NaN or inf): {e}") from None
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -179,6 +207,27 @@ def _build(cls: type, raw: Any, source: str, section: str) -> Any:
     return cls(**kwargs)
 
 
+# Keys that the shorthand and the factory form of a section each own: giving both is ambiguous.
+_SHORTHAND = {"model": ("arch", "hidden"), "data": ("dataset", "path", "synthetic_samples", "synthetic_shape",
+                                                   "synthetic_classes"), "loss": ("kind",)}
+
+
+def _check_exclusive(raw: Mapping[str, Any], source: str) -> None:
+    for section, shorthand in _SHORTHAND.items():
+        table = raw.get(section)
+        if not isinstance(table, Mapping):
+            continue
+        # A key at its default does not count: `Workflow.to_dict()` writes every key, and must round-trip.
+        cls = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig}[section]
+        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                    for f in dataclasses.fields(cls)}
+        both = [k for k in shorthand if k in table and table[k] != defaults[k]]
+        if table.get("factory") and both:
+            raise WorkflowError(f"{source}: [{section}] sets both factory and {both[0]}; keep one of them")
+        if table.get("kwargs") and not table.get("factory"):
+            raise WorkflowError(f"{source}: [{section}] has kwargs but no factory; add factory = \"module:attr\"")
+
+
 def _check_semantics(wf: Workflow, source: str) -> None:
     def bad(msg: str) -> None:
         raise WorkflowError(f"{source}: {msg}")
@@ -204,5 +253,15 @@ def _check_semantics(wf: Workflow, source: str) -> None:
         bad(f"lca.eval_batch_size must be at least 1, got {lca.eval_batch_size}")
     if not lca.splits or any(s not in SPLITS for s in lca.splits):
         bad(f"lca.splits must be a non-empty list drawn from {', '.join(SPLITS)}; got {lca.splits!r}")
+    from pipeline.problem.refs import check_ref
+    from pipeline.errors import ProblemError
+
+    for section in ("model", "data", "loss"):
+        ref = getattr(wf, section).factory
+        if ref:
+            try:
+                check_ref(ref, f"{section}.factory")
+            except ProblemError as e:
+                bad(str(e))
     if wf.model.arch == "fc" and any(h < 1 for h in wf.model.hidden):
         bad(f"model.hidden widths must be positive, got {wf.model.hidden}")

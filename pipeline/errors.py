@@ -15,6 +15,10 @@ class DataError(LCAError):
     """A data set is missing or malformed; the message gives the command that fetches it."""
 
 
+class ProblemError(LCAError):
+    """The problem definition (model, data or loss factory) cannot be built, or does not match the store."""
+
+
 class DivergenceError(LCAError):
     """Training produced a non-finite loss or parameters; the message names the step."""
 

@@ -48,9 +48,33 @@ class TensorSpec:
                    None if d.get("unit_axis") is None else int(d["unit_axis"]))
 
 
+FROZEN_GROUP = "frozen"  # frozen parameters' values, one array per tensor ("0", "1", ...; attribute `names`)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without `torch.compile`'s `_orig_mod.` wrapper prefix (anywhere in the path), so a
+    compiled model and its plain module share one layout."""
+    return name.replace("_orig_mod.", "")
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(canonical name, parameter) of every parameter that trains, in `named_parameters()` order.
+
+    Tied or shared parameters appear once (named_parameters() removes duplicates, keeping the first name).
+    Frozen parameters (requires_grad=False) never move, so they carry no LCA: they are left out of the
+    layout and held fixed (the writer stores their values once, in `frozen/`).
+    """
+    return [(canonical_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def frozen_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(canonical_name(n), p) for n, p in model.named_parameters() if not p.requires_grad]
+
+
 @dataclass(frozen=True)
 class ParamLayout:
-    """The ordered tensors of a model's `named_parameters()` (buffers are not parameters and are left out)."""
+    """The ordered trainable tensors of a model's `named_parameters()` (buffers and frozen parameters are
+    not integrated and are left out)."""
 
     tensors: tuple[TensorSpec, ...]
 
@@ -66,7 +90,7 @@ class ParamLayout:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "ParamLayout":
-        return cls.from_named_shapes((n, tuple(p.shape)) for n, p in model.named_parameters())
+        return cls.from_named_shapes((n, tuple(p.shape)) for n, p in trainable_parameters(model))
 
     @property
     def size(self) -> int:
@@ -86,19 +110,40 @@ class ParamLayout:
     def from_json(cls, items: Iterable[Mapping[str, Any]]) -> "ParamLayout":
         return cls(tuple(TensorSpec.from_json(d) for d in items))
 
+    def first_mismatch(self, other: "ParamLayout") -> str | None:
+        """The first difference between two layouts, in words (None when they are the same)."""
+        for i, (a, b) in enumerate(zip(self.tensors, other.tensors)):
+            if a.name != b.name or a.shape != b.shape:
+                return f"tensor {i}: the store has {a.name} {list(a.shape)}, the model has {b.name} {list(b.shape)}"
+        if len(self.tensors) != len(other.tensors):
+            longer, who = (self, "store") if len(self.tensors) > len(other.tensors) else (other, "model")
+            extra = longer.tensors[min(len(self.tensors), len(other.tensors))]
+            return (f"tensor {min(len(self.tensors), len(other.tensors))}: only the {who} has "
+                    f"{extra.name} {list(extra.shape)} ({len(self.tensors)} tensors in the store, "
+                    f"{len(other.tensors)} in the model)")
+        return None
+
     def check_model(self, model: torch.nn.Module) -> None:
-        """Fail loudly if a model's parameters are not the ones this layout describes."""
-        other = ParamLayout.from_model(model)
-        if other != self:
-            raise ValueError(
-                f"model parameters {[(t.name, t.shape) for t in other.tensors]} do not match the store's "
-                f"layout {[(t.name, t.shape) for t in self.tensors]}; use the model the store was written with"
-            )
+        """Fail with one line naming the first tensor where a model's parameters differ from this layout."""
+        from .errors import StoreError
+
+        why = self.first_mismatch(ParamLayout.from_model(model))
+        if why is not None:
+            raise StoreError(f"the model's parameters do not match the store's layout ({why}); use the model "
+                             f"the store was written with")
 
     def flatten(self, model: torch.nn.Module) -> np.ndarray:
         """The model's parameters as one float32 row, in layout order (a copy, safe to hand to a thread)."""
+        # By name, over all parameters: one frozen later in training (an intervention) is still recorded.
+        params = {canonical_name(n): p for n, p in model.named_parameters()}
+        missing = [t.name for t in self.tensors if t.name not in params]
+        if missing:
+            from .errors import StoreError
+
+            raise StoreError(f"the model has no parameter {missing[0]!r} of the store's layout; record the "
+                             f"model the store was created with")
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in model.parameters()])
+            flat = torch.cat([params[t.name].detach().reshape(-1).to("cpu", torch.float32) for t in self.tensors])
         return flat.numpy().copy()
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:

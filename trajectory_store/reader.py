@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 
 from .errors import StoreError
-from .layout import ParamLayout
+from .layout import FROZEN_GROUP, ParamLayout
 from .location import StorePathLike, describe_oserror, has_metadata, locate
 from .writer import FORMAT_VERSION
 
@@ -65,6 +65,23 @@ class TrajectoryReader:
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self._group.attrs)
+
+    @property
+    def problem(self) -> dict[str, Any] | None:
+        """The recorded problem definition (model, data, loss, fingerprints), or None."""
+        p = self._group.attrs.get("problem")
+        return dict(p) if isinstance(p, dict) else None
+
+    def frozen(self) -> dict[str, np.ndarray]:
+        """Values of the frozen (requires_grad=False) parameters, held fixed during LCA; {} if none."""
+        if FROZEN_GROUP not in self._group:
+            return {}
+        group = self._group[FROZEN_GROUP]
+        names = list(group.attrs.get("names", []))
+        try:
+            return {str(name): np.asarray(group[str(i)][...]) for i, name in enumerate(names)}
+        except (KeyError, OSError, ValueError) as e:
+            raise StoreError(f"{self._path}: {FROZEN_GROUP}/ is damaged ({e}); retrain the run") from None
 
     @property
     def workflow(self) -> dict[str, Any] | None:

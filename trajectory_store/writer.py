@@ -35,7 +35,7 @@ import zarr
 from .chunking import MAX_CHUNK_STEPS, param_chunk_for
 from .codecs import params_codecs, small_codecs
 from .errors import StoreError
-from .layout import ParamLayout
+from .layout import FROZEN_GROUP, ParamLayout, frozen_parameters
 from .location import Location, StorePathLike, check_creatable, describe_oserror, locate
 
 FORMAT_VERSION = 1
@@ -149,7 +149,7 @@ class TrajectoryWriter:
                initial: np.ndarray | None = None, steps: int | None = None, batch_size: int | None = None,
                attrs: dict[str, Any] | None = None, overwrite: bool = False, chunk_steps: int = 64,
                queue_size: int = 8, storage_options: dict[str, Any] | None = None,
-               flush_seconds: float | None = 60.0) -> "TrajectoryWriter":
+               flush_seconds: float | None = 60.0, problem: Any = None) -> "TrajectoryWriter":
         """Create the store and take theta_0.
 
         `model` is an nn.Module (layout and theta_0 from its parameters), or a ParamLayout for loops
@@ -157,8 +157,14 @@ class TrajectoryWriter:
         known, preallocates the arrays; `batch_size`, when known, fixes the width of `batch_indices`
         (otherwise it is created at the first step that passes indices and widened as needed).
         `flush_seconds` bounds how long a recorded step may sit in memory before being committed.
+        `problem` records what L is (model, data and loss by reference, and the data's fingerprints) in the
+        root attribute `problem`, so `lca compute STORE` needs nothing more: a `pipeline.Problem` (its
+        `writer_attrs()` fingerprints the data) or its JSON dict. Frozen parameters (requires_grad=False)
+        are outside the layout; their values are stored once, in `frozen/`, and held fixed by LCA.
         """
+        frozen: dict[str, np.ndarray] = {}
         if isinstance(model, torch.nn.Module):
+            frozen = {n: p.detach().to("cpu").numpy().copy() for n, p in frozen_parameters(model)}
             if initial is not None:
                 raise StoreError("pass `initial` only with a ParamLayout; a model's theta_0 is its parameters")
             layout = ParamLayout.from_model(model)
@@ -182,6 +188,14 @@ class TrajectoryWriter:
             raise StoreError(f"batch_size must be at least 1, got {batch_size}")
         if int(queue_size) < 1:
             raise StoreError(f"queue_size must be at least 1, got {queue_size}")
+        attrs = dict(attrs or {})
+        if problem is not None:
+            if hasattr(problem, "writer_attrs"):
+                attrs.update(problem.writer_attrs())
+            elif isinstance(problem, dict):
+                attrs["problem"] = problem
+            else:
+                raise StoreError(f"problem must be a pipeline.Problem or its JSON dict, got {type(problem).__name__}")
         user_attrs = _json_attrs(attrs)
 
         loc = locate(path_or_url, storage_options)
@@ -191,7 +205,7 @@ class TrajectoryWriter:
             "versions": library_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         }
         root = _create_arrays(loc, layout, root_attrs, steps=steps, batch_size=batch_size,
-                              chunk_steps=int(chunk_steps), overwrite=overwrite)
+                              chunk_steps=int(chunk_steps), overwrite=overwrite, frozen=frozen)
         w = cls(loc=loc, root=root, layout=layout, chunk_steps=int(chunk_steps), queue_size=int(queue_size),
                 batch_size=batch_size, flush_seconds=flush_seconds)
         w._put(_Step(row0, math.nan, math.nan, None))
@@ -407,7 +421,8 @@ def _create_indices(traj: zarr.Group, rows: int, width: int, chunk_steps: int) -
 
 
 def _create_arrays(loc: Location, layout: ParamLayout, root_attrs: dict[str, Any], *, steps: int | None,
-                   batch_size: int | None, chunk_steps: int, overwrite: bool) -> zarr.Group:
+                   batch_size: int | None, chunk_steps: int, overwrite: bool,
+                   frozen: dict[str, np.ndarray] | None = None) -> zarr.Group:
     """The empty store: root attributes, `trajectory/` with zero committed checkpoints."""
     P = layout.size
     rows = (int(steps) + 1) if steps is not None else chunk_steps
@@ -425,6 +440,12 @@ def _create_arrays(loc: Location, layout: ParamLayout, root_attrs: dict[str, Any
                               **small_codecs())
         if batch_size is not None:
             _create_indices(traj, rows - 1, int(batch_size), chunk_steps)
+        if frozen:
+            group = root.create_group(FROZEN_GROUP, attributes={"names": list(frozen)})
+            for i, value in enumerate(frozen.values()):
+                arr = group.create_array(str(i), shape=value.shape, dtype=value.dtype, config=_ZARR_CONFIG,
+                                         **small_codecs())
+                arr[...] = value
     except OSError as e:
         raise StoreError(f"cannot create store at {loc.name}: {describe_oserror(e)}") from e
     except zarr.errors.ContainsGroupError as e:  # a concurrent creator won the race

@@ -133,6 +133,25 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
     return ds
 
 
+def _problem_lines(reader: Any, root: Any, splits: list[str]) -> list[str]:
+    """What L is: the recorded problem (model, data, loss by reference) and the data's fingerprints."""
+    from pipeline.problem.definition import Problem
+
+    lines = []
+    if reader.problem:
+        lines.append("problem     (recorded by training)")
+        lines.extend("  " + line for line in Problem.from_json(reader.problem).describe())
+    else:
+        lines.append("problem     not recorded (compute needs --workflow FILE or --model/--data)")
+    for split in splits:
+        used = root[array_names(split)["lca"]].attrs.get("problem")
+        if isinstance(used, dict) and (not reader.problem or used != reader.problem):
+            p = Problem.from_json(used)
+            lines.append(f"lca/{split:<7} computed with model {p.model}, data {p.data}, loss {p.loss}, "
+                         f"fingerprint {p.fingerprints.get(split, '?')}")
+    return lines
+
+
 def describe(path: str) -> str:
     """`lca info`: what a store holds and how well its LCA conserves the loss, in a dozen lines."""
     from trajectory_store import open_trajectory
@@ -148,8 +167,14 @@ def describe(path: str) -> str:
         + ", ".join(f"{t.name}{list(t.shape)}" for t in layout.tensors[:8])
         + (" ..." if len(layout) > 8 else ""),
     ]
+    frozen = reader.frozen()
+    if frozen:
+        lines.append(f"frozen      {sum(v.size for v in frozen.values()):,} parameters in {len(frozen)} tensors "
+                     f"(requires_grad=False: held fixed, outside the layout, no LCA): "
+                     + ", ".join(list(frozen)[:4]) + (" ..." if len(frozen) > 4 else ""))
     root = reader.group
     splits = computed_splits(root)
+    lines.extend(_problem_lines(reader, root, splits))
     if not splits:
         lines.append(f"lca         not computed yet: run `lca compute {path}`")
     for split in splits:

@@ -62,6 +62,8 @@ def bench_training(plan: Plan, device: torch.device, scratch: Path) -> tuple[lis
     from pipeline.train import loop as train_mod
     from pipeline.problem.data import dataset_spec, load_split, resolve_data_config
     from pipeline.problem.models import build_model, model_spec
+    from pipeline.problem.losses import cross_entropy
+    from pipeline.problem.splits import Split
     from trajectory_store import TrajectoryWriter, open_trajectory
     from trajectory_store.layout import ParamLayout
 
@@ -92,7 +94,8 @@ def bench_training(plan: Plan, device: torch.device, scratch: Path) -> tuple[lis
                 sync(device)
                 t0 = time.perf_counter()
                 if kind == "without":
-                    train_mod._run_steps(wf, model, opt, _NullWriter(), x, y, batches, steps, False)
+                    train_mod._run_steps(wf, model, opt, _NullWriter(), Split(x, y), cross_entropy, batches, steps,
+                                         False)
                 else:
                     with TrajectoryWriter.create(str(store), model, steps=steps, batch_size=bs, attrs=attrs,
                                                  overwrite=True, chunk_steps=wf.train.chunk_steps) as writer:
@@ -101,7 +104,8 @@ def bench_training(plan: Plan, device: torch.device, scratch: Path) -> tuple[lis
                             tee = _TeeWriter(writer, ParamLayout.from_model(model))
                             tee.rows.append(tee.layout.flatten(model))  # theta_0, as create() recorded it
                             target = tee
-                        train_mod._run_steps(wf, model, opt, target, x, y, batches, steps, False)
+                        train_mod._run_steps(wf, model, opt, target, Split(x, y), cross_entropy, batches, steps,
+                                             False)
                         writer.flush()
                 sync(device)
                 seconds = time.perf_counter() - t0

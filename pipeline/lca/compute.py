@@ -1,25 +1,36 @@
-"""Running an LCA plan on a Dask cluster: a fresh LocalCluster, or an existing one at a scheduler address.
+"""Running an LCA plan: on a Dask cluster (a fresh LocalCluster, or an existing one at a scheduler address),
+or inline, in the calling process.
 
-The client plans (pipeline/lca/plan.py), submits one task per pending block, and shows progress; workers
-compute and write (pipeline/lca/worker.py). A dead worker's blocks are simply rerun elsewhere by Dask; an
-interrupted client leaves finished blocks marked done, so running the same command again resumes.
+The client resolves what L is (the problem: from the store, a workflow, or model=/data=/loss=), checks it
+against the store (data fingerprints, parameter layout, loss) before anything is written, plans
+(pipeline/lca/plan.py), and runs one task per pending block. As in rechunker, the plan is plain data and
+the executors are interchangeable: the Dask executor submits the tasks to workers, the inline executor
+runs the very same task function here, one block after another (no cluster: notebooks, debuggers, small
+runs), with the same numbers. A dead worker's blocks are simply rerun elsewhere by Dask; an interrupted
+client leaves finished blocks marked done, so running the same command again resumes.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 
 from pipeline.config import Workflow
-from pipeline.errors import LCAError
-from pipeline.lca.plan import Settings, SplitStats, plan_split, split_stats
-from pipeline.lca.worker import TaskSpec, run_block
+from pipeline.errors import LCAError, ProblemError
+from pipeline.lca.plan import Settings, SplitStats, array_names, plan_split, split_stats
+from pipeline.lca.worker import TaskSpec, release, run_block
+from pipeline.problem.definition import LossSpec, Problem, Ref, check_fingerprint
+
+EXECUTORS = ("dask", "inline")
 
 CONNECT_TIMEOUT_S = 10
 LOOPBACK = "127.0.0.1"
@@ -133,17 +144,28 @@ def compute_lca(
     tol: float | None = None,
     max_splits: int | None = None,
     precision: str | None = None,
+    eval_batch_size: int | None = None,
     threads_per_worker: int | None = None,
     recompute: bool = False,
     block_steps: int | None = None,
     workflow: Workflow | None = None,
+    model: Any = None,
+    data: Any = None,
+    loss: Any = None,
+    executor: str = "dask",
     progress: bool = True,
     dashboard_address: str | None = None,
 ) -> ComputeSummary:
     """Compute LCA for every recorded step of `store` and write it into the store's `lca/` group.
 
-    `workflow` is needed only for stores written by a user's own loop without one: it names the model and
-    data to evaluate. Blocks already done under the same settings are skipped unless `recompute`.
+    What L is comes from the store (its `problem`, or the workflow our trainer recorded). A store written
+    by anyone's loop without one needs `workflow=` (a workflow whose `[model]`, `[data]`, `[loss]` describe
+    it) or the shortcuts `model=`, `data=` ("package.module:attr" or {"factory", "kwargs"}) and `loss=`
+    (a kind or a factory); these also override single parts of a recorded problem. Data whose fingerprint
+    differs from the store's, a model whose parameters differ from its layout, or another loss is refused
+    before anything is written. `executor="inline"` runs every block in this process instead of on a Dask
+    cluster (same numbers; `workers` and `scheduler` do not apply). Blocks already done under the same
+    settings are skipped unless `recompute`.
     A local cluster listens on loopback only; its dashboard link is printed (with `progress`) and kept in
     the summary; `dashboard_address` ("PORT", "HOST:PORT") fixes where it listens. Steps that end outside
     the tolerance even at `max_splits` give a `ToleranceWarning` with their share.
@@ -151,6 +173,8 @@ def compute_lca(
     import torch
     from trajectory_store import open_trajectory
 
+    if executor not in EXECUTORS:
+        raise LCAError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
     if workers is not None and workers < 1:
         raise LCAError(f"--workers must be at least 1, got {workers}")
     if threads_per_worker is not None and threads_per_worker < 1:
@@ -163,40 +187,57 @@ def compute_lca(
     dashboard_bind(dashboard_address)  # a bad address fails before anything starts
     if device == "cuda" and not scheduler and not torch.cuda.is_available():
         raise LCAError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu")
+    if executor == "inline" and scheduler:
+        raise LCAError("--scheduler runs on a Dask cluster; drop it or --inline")
 
     reader = open_trajectory(store)
     if reader.num_checkpoints < 2:
         raise LCAError(f"{store} holds {reader.num_checkpoints} checkpoint(s); LCA needs at least two "
                        f"(a run of at least one recorded step)")
-    if workflow is None:
-        if not reader.workflow:
-            raise LCAError(f"{store} records no workflow, so its model and data are unknown; pass the "
-                           f"workflow that describes them (compute_lca(..., workflow=load_workflow(FILE)))")
-        workflow = Workflow.from_dict(reader.workflow, f"workflow stored in {store}")
+    problem, settings_workflow, stored = resolve_problem(reader, workflow, model=model, data=data, loss=loss)
     # `splits` goes through the workflow schema too, so a bad split name is the same one-line error.
-    settings = resolve_settings(workflow, rule=rule, tol=tol, max_splits=max_splits, precision=precision,
-                                splits=list(splits) if splits else None)
-    split_names = list(splits) if splits else list(workflow.lca.splits)
+    settings = resolve_settings(settings_workflow, rule=rule, tol=tol, max_splits=max_splits, precision=precision,
+                                eval_batch_size=eval_batch_size, splits=list(splits) if splits else None)
+    split_names = list(splits) if splits else list(settings_workflow.lca.splits)
+    # Everything that could make L the wrong function is checked here, before anything is written.
+    problem = check_problem(reader, problem, stored, split_names, settings, recompute=recompute)
 
     block = block_steps or reader.chunk_steps
     plans = [plan_split(reader.group, s, steps=reader.num_steps, size=reader.layout.size, block=block,
                         param_chunk=reader.param_chunk, settings=settings, recompute=recompute)
              for s in split_names]
+    for s in split_names:  # what L was, beside the results: `lca info` shows it, a resume checks it
+        reader.group[array_names(s)["lca"]].attrs["problem"] = problem.to_json()
     pending = [b for p in plans for b in p.pending]
     summary = ComputeSummary(store, settings)
     t0 = time.perf_counter()
     if pending:
+        unguarded = _unguarded_main() if executor == "dask" and not scheduler else None
+        if unguarded:
+            print(f"note: {unguarded} has no `if __name__ == \"__main__\":` guard, so Dask worker processes "
+                  f"(which re-import it) cannot start; computing in this process instead (put the script's "
+                  f"code under that guard to use workers)", file=sys.stderr, flush=True)
+            executor = "inline"
         cuda_here = torch.cuda.is_available() and device != "cpu"
-        n = workers or default_workers(cuda_here)
-        threads = threads_per_worker or (None if scheduler else max(1, (os.cpu_count() or 1) // n))
-        spec = TaskSpec(store=store, created=str(reader.attrs.get("created", "")), workflow=workflow.to_dict(),
-                        settings=settings.to_json(), device=device,
-                        threads=threads)
-        with _client(n, scheduler, dashboard_address) as client:
-            with contextlib.suppress(Exception):  # bokeh is a dependency, but a scheduler may run without it
-                summary.dashboard = client.dashboard_link if scheduler or importlib.util.find_spec("bokeh") else None
-            summary.workers = len(client.scheduler_info().get("workers", {})) or n
-            results = _run(client, spec, pending, reader.num_steps, progress, summary.dashboard)
+        if executor == "inline":
+            n = 1
+            threads = threads_per_worker or torch.get_num_threads()
+        else:
+            n = workers or default_workers(cuda_here)
+            threads = threads_per_worker or (None if scheduler else max(1, (os.cpu_count() or 1) // n))
+        spec = TaskSpec(store=store, created=str(reader.attrs.get("created", "")), problem=problem.to_json(),
+                        settings=settings.to_json(), device=device, threads=threads,
+                        module_roots=tuple(problem.module_roots()))
+        if executor == "inline":
+            summary.workers = 1
+            results = _run_inline(spec, pending, reader.num_steps, progress)
+        else:
+            with _client(n, scheduler, dashboard_address) as client:
+                with contextlib.suppress(Exception):  # bokeh is a dependency, but a scheduler may run without it
+                    summary.dashboard = client.dashboard_link if scheduler or importlib.util.find_spec("bokeh") \
+                        else None
+                summary.workers = len(client.scheduler_info().get("workers", {})) or n
+                results = _run(client, spec, pending, reader.num_steps, progress, summary.dashboard)
         summary.devices = [r["device"] for r in results]
     summary.seconds = time.perf_counter() - t0
     computed = {p.split: sum(1 for b in pending if b.split == p.split) for p in plans}
@@ -222,6 +263,142 @@ def _warn_unreached_tolerance(summary: ComputeSummary) -> None:
                 f"{s.tol:g} (rule {s.rule}, max splits {s.max_splits}, {s.precision}; {st.points_mean:.1f} gradient "
                 f"evaluations per step); the others are stored with larger residuals: raise --tol, raise "
                 f"--max-splits or use --precision fp64", ToleranceWarning, stacklevel=3)
+
+
+def resolve_problem(reader: Any, workflow: Workflow | None, *, model: Any = None, data: Any = None,
+                    loss: Any = None) -> tuple[Problem, Workflow, Problem | None]:
+    """(the problem to evaluate, the workflow whose LCA settings apply, the problem the store records).
+
+    The store's own record comes first; a workflow replaces it, and model=/data=/loss= replace single parts.
+    A store that records neither (a user's loop) falls back to the problem of an earlier compute of it.
+    """
+    store = reader.path
+    stored = Problem.from_json(reader.problem) if reader.problem else None
+    stored_wf = Workflow.from_dict(reader.workflow, f"workflow stored in {store}") if reader.workflow else None
+    if workflow is not None:
+        problem, settings_wf = Problem.from_workflow(workflow), workflow
+    elif stored is not None:
+        problem, settings_wf = stored.replace(fingerprints={}), stored_wf or _settings_only()
+    elif stored_wf is not None:
+        problem, settings_wf = Problem.from_workflow(stored_wf), stored_wf
+    else:
+        earlier = _earlier_problem(reader)
+        problem, settings_wf = (earlier or Problem()).replace(fingerprints={}), _settings_only()
+    if model is not None:
+        problem = problem.replace(model=Ref.parse(model, "model"))
+    if data is not None:
+        problem = problem.replace(data=Ref.parse(data, "data"))
+    if loss is not None:
+        problem = problem.replace(loss=LossSpec.parse(loss))
+    if problem.model is None or problem.data is None:
+        missing = "model" if problem.model is None else "data"
+        raise ProblemError(f"{store} records no problem definition, so its {missing} is unknown; pass "
+                           f"--workflow FILE (a workflow with [model] and [data]) or --model/--data "
+                           f"\"module:attr\" (compute_lca(..., workflow=..., model=..., data=..., loss=...))")
+    return problem, settings_wf, stored
+
+
+def _settings_only() -> Workflow:
+    """The default LCA settings, for stores that record no workflow (a valid workflow needs a length)."""
+    from pipeline.config import TrainConfig
+
+    return dataclasses.replace(Workflow(name="user loop"), train=TrainConfig(steps=1))
+
+
+def _earlier_problem(reader: Any) -> Problem | None:
+    for split in ("train", "heldout"):
+        name = array_names(split)["lca"]
+        if name in reader.group and isinstance(reader.group[name].attrs.get("problem"), dict):
+            return Problem.from_json(reader.group[name].attrs["problem"])
+    return None
+
+
+def check_problem(reader: Any, problem: Problem, stored: Problem | None, split_names: list[str],
+                  settings: Settings, *, recompute: bool) -> Problem:
+    """Build the problem here once and compare it with the store; returns it with the evaluated data's
+    fingerprints (which workers check again). Each mismatch is one line naming both sides."""
+    import torch
+
+    from trajectory_store.layout import ParamLayout
+
+    from pipeline.lca.evaluate import Evaluator, set_frozen
+
+    store = reader.path
+    if stored is not None and stored.loss != problem.loss:
+        raise ProblemError(f"{store} was trained with loss {stored.loss}, but this compute would evaluate loss "
+                           f"{problem.loss}; LCA must allocate the loss training minimised: drop the loss override")
+    splits = problem.build_data()
+    fingerprints, evaluated = {}, {}
+    for name in split_names:
+        split = problem.build_split(name, splits)
+        fingerprints[name] = split.fingerprint()
+        check_fingerprint(stored.fingerprints.get(name) if stored else None, fingerprints[name], name, problem,
+                          store)
+        lca_name = array_names(name)["lca"]
+        earlier = reader.group[lca_name].attrs.get("problem") if lca_name in reader.group else None
+        earlier_fp = (earlier.get("fingerprints") or {}).get(name) if isinstance(earlier, dict) else None
+        if earlier_fp and earlier_fp != fingerprints[name] and not recompute:
+            raise ProblemError(f"the {name} LCA already in {store} was computed on data with fingerprint "
+                               f"{earlier_fp}, not {fingerprints[name]} ({problem.data}); pass --recompute to "
+                               f"replace it")
+        evaluated[name] = split
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(reader.attrs.get("seed", 0) or 0))
+        net = problem.build_model()
+    set_frozen(net, reader.frozen())
+    why = reader.layout.first_mismatch(ParamLayout.from_model(net))
+    if why is not None:
+        raise ProblemError(f"the model from {problem.model} does not match {store}'s parameter layout (first mismatch: {why}); "
+                           f"use the model the run was trained with")
+    # The loss contract, on the first evaluation batch at theta_0: a finite scalar sum and a positive count.
+    first = evaluated[split_names[0]]
+    x, y = first.slice(0, settings.eval_batch_size)
+    probe = Evaluator(net, reader.layout, x, y, batch_size=settings.eval_batch_size, device="cpu",
+                      precision="fp32", mode="loop", loss=problem.build_loss(), frozen=reader.frozen())
+    from pipeline.problem.definition import check_loss_value
+
+    with torch.no_grad():
+        value = probe._batch_loss(torch.as_tensor(reader.params(0, 1)[0]), probe.inputs, probe.targets)
+    check_loss_value(value, f"loss {problem.loss}")
+    return problem.replace(fingerprints=fingerprints)
+
+
+def _unguarded_main() -> str | None:
+    """The script being run, if it has no `if __name__ == "__main__":` guard (Dask's spawned worker
+    processes re-import it, so they would run the script again instead of starting); else None."""
+    import multiprocessing
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or multiprocessing.parent_process() is not None or not str(path).endswith(".py"):
+        return None
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__name__" in ast.dump(node.test) and "__main__" in ast.dump(node.test):
+            return None
+    return str(path)
+
+
+def _run_inline(spec: TaskSpec, pending: list, steps: int, progress: bool) -> list[dict[str, Any]]:
+    """The same tasks as on a Dask worker, one after another in this process, with the spec's threads."""
+    import torch
+    from tqdm.auto import tqdm
+
+    saved = torch.get_num_threads()
+    results = []
+    bar = tqdm(total=len(pending), unit="block", desc="LCA (inline)", disable=not progress)
+    try:
+        for b in pending:
+            results.append(run_block(spec, b.split, b.index, b.start, b.stop, steps))
+            bar.update(1)
+    finally:
+        bar.close()
+        release(spec)
+        torch.set_num_threads(saved)
+    return results
 
 
 def _run(client: Any, spec: TaskSpec, pending: list, steps: int, progress: bool,

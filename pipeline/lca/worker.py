@@ -7,6 +7,7 @@ makes many small tasks cheap: the data set never travels over the network, only 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -29,10 +30,11 @@ class TaskSpec:
 
     store: str
     created: str  # the store's creation stamp: a store retrained at the same path is a different store
-    workflow: dict[str, Any]
+    problem: dict[str, Any]  # Problem JSON; its fingerprints are those of the data the client checked
     settings: dict[str, Any]
     device: str = "auto"
     threads: int | None = None
+    module_roots: tuple[str, ...] = ()  # folders the client imported the factories from
 
 
 def _worker_ordinal() -> int:
@@ -68,30 +70,46 @@ def _reader(spec: TaskSpec):
 
 
 def get_evaluator(spec: TaskSpec, split: str):
-    """The worker's cached evaluator; only what changes L (store, split, precision, batch size) keys it."""
-    from pipeline.config import Workflow
-    from pipeline.problem.data import load_split
+    """The worker's cached evaluator; only what changes L (store, problem, split, precision, batch size) keys it.
+
+    The problem is rebuilt here from its JSON; the data's fingerprint is checked again against the one the
+    client checked, so a worker that sees other files (another machine, another version) fails, one line.
+    """
     from pipeline.lca.evaluate import Evaluator
-    from pipeline.problem.models import build_model
+    from pipeline.problem.definition import Problem, check_fingerprint
+    from pipeline.problem.refs import add_module_roots
 
     if spec.threads and torch.get_num_threads() != spec.threads:
         torch.set_num_threads(spec.threads)
     device = resolve_device(spec.device)
-    key = (spec.store, spec.created, split, spec.settings["precision"], spec.settings["eval_batch_size"],
-           str(device))
+    key = (spec.store, spec.created, json.dumps(spec.problem, sort_keys=True), split,
+           spec.settings["precision"], spec.settings["eval_batch_size"], str(device))
     reader = _reader(spec)
     with _LOCK:
         if key not in _EVALUATORS:
-            wf = Workflow.from_dict(spec.workflow, f"workflow stored in {spec.store}")
-            inputs, targets = load_split(wf.data, split)
-            num_classes = int(reader.attrs.get("dataset", {}).get("num_classes", 0)) or int(targets.max()) + 1
-            torch.manual_seed(wf.seed)  # the weights are replaced by the trajectory's; this only fixes shapes
-            model = build_model(wf.model, tuple(inputs.shape[1:]), num_classes)
+            add_module_roots(list(spec.module_roots))
+            problem = Problem.from_json(spec.problem)
+            data = problem.build_split(split)
+            check_fingerprint(problem.fingerprints.get(split), data.fingerprint(), split, problem,
+                              f"the client's check of {spec.store}")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(reader.attrs.get("seed", 0) or 0))  # weights are replaced; buffers fixed
+                model = problem.build_model()
             _EVALUATORS[key] = Evaluator(
-                model, reader.layout, inputs, targets, batch_size=spec.settings["eval_batch_size"],
-                device=device, precision=spec.settings["precision"],
+                model, reader.layout, data.inputs, data.targets, batch_size=spec.settings["eval_batch_size"],
+                device=device, precision=spec.settings["precision"], loss=problem.build_loss(),
+                frozen=reader.frozen(),
             )
         return _EVALUATORS[key]
+
+
+def release(spec: TaskSpec) -> None:
+    """Drop this store's evaluators and reader: the in-process executor must not keep a split in memory
+    after `compute_lca` returns (a Dask worker keeps them for the next task instead)."""
+    with _LOCK:
+        for key in [k for k in _EVALUATORS if k[:2] == (spec.store, spec.created)]:
+            del _EVALUATORS[key]
+        _READERS.pop((spec.store, spec.created), None)
 
 
 def run_block(spec: TaskSpec, split: str, index: int, start: int, stop: int, steps: int) -> dict[str, Any]:

@@ -23,7 +23,8 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -437,3 +438,74 @@ def _run(cmd: list[str], cwd: Path) -> None:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         errs = [ln for ln in lines if ln.startswith("E:")] or lines or ["no output"]
         raise DataError(f"`{' '.join(cmd)}` failed: {errs[-1]}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The built-in data sets as data factories ("pipeline.problem.data:digits", ...): the same mechanism as a
+# user's own `[data] factory`, so workers rebuild either from the same JSON.
+
+
+class LazySplits(Mapping):
+    """{split name: (inputs, targets)} that loads a split only when asked for it (and then once)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self._cfg = resolve_data_config(cfg)
+        self._loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getitem__(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in SPLITS:
+            raise KeyError(split)
+        if split not in self._loaded:
+            self._loaded[split] = load_split(self._cfg, split)
+        return self._loaded[split]
+
+    def __contains__(self, split: object) -> bool:  # without loading it
+        return split in SPLITS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SPLITS)
+
+    def __len__(self) -> int:
+        return len(SPLITS)
+
+
+def digits(train_samples: int = 0) -> LazySplits:
+    """scikit-learn's 8x8 digits, pixels scaled to [0, 1], a fixed 80/20 split."""
+    return LazySplits(DataConfig(dataset="digits", train_samples=train_samples))
+
+
+def fashion_mnist(path: str = "", train_samples: int = 0) -> LazySplits:
+    """Fashion-MNIST from its IDX files (`make data`), pixels scaled to [0, 1]."""
+    return LazySplits(DataConfig(dataset="fashion-mnist", path=path, train_samples=train_samples))
+
+
+def cifar10(path: str = "", train_samples: int = 0) -> LazySplits:
+    """CIFAR-10 from the python tarball, normalised per channel with the training split's statistics."""
+    return LazySplits(DataConfig(dataset="cifar10", path=path, train_samples=train_samples))
+
+
+def synthetic(samples: int = 1024, shape: list[int] | None = None, classes: int = 10,
+              train_samples: int = 0) -> LazySplits:
+    """Gaussian inputs labelled by a fixed random linear teacher (timing runs)."""
+    return LazySplits(DataConfig(dataset="synthetic", synthetic_samples=samples,
+                                 synthetic_shape=list(shape or [1, 28, 28]), synthetic_classes=classes,
+                                 train_samples=train_samples))
+
+
+def factory_of(cfg: DataConfig) -> tuple[str, dict[str, Any]]:
+    """The built-in data set of a workflow's `[data]` shorthand, as a reference and JSON kwargs."""
+    cfg = resolve_data_config(cfg)
+    base = "pipeline.problem.data:"
+    if cfg.dataset == "digits":
+        return base + "digits", {"train_samples": cfg.train_samples}
+    if cfg.dataset == "fashion-mnist":
+        return base + "fashion_mnist", {"path": cfg.path, "train_samples": cfg.train_samples}
+    if cfg.dataset == "cifar10":
+        return base + "cifar10", {"path": cfg.path, "train_samples": cfg.train_samples}
+    return base + "synthetic", {"samples": cfg.synthetic_samples, "shape": list(cfg.synthetic_shape),
+                                "classes": cfg.synthetic_classes, "train_samples": cfg.train_samples}
+
+
+def shape_and_classes(cfg: DataConfig) -> tuple[tuple[int, ...], int]:
+    """Input shape [C, H, W] and class count of a built-in data set, without loading it."""
+    return _shape_and_classes(resolve_data_config(cfg))

@@ -109,24 +109,52 @@ class ResNet20(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A freshly initialised model; the caller seeds torch first so initialisation is reproducible."""
-    shape = tuple(int(s) for s in input_shape)
-    if cfg.arch == "fc":
-        model: nn.Module = FC(math.prod(shape), list(cfg.hidden), num_classes)
-    elif cfg.arch in ("lenet", "resnet20"):
-        if len(shape) != 3:
-            raise WorkflowError(f"model.arch = {cfg.arch!r} needs images [C, H, W], got input shape {list(shape)}")
-        if cfg.arch == "lenet":
-            if shape[1] < 4 or shape[2] < 4:
-                raise WorkflowError(f"model.arch = 'lenet' needs images of at least 4x4, got {list(shape)}")
-            model = LeNet(shape[0], shape[1], shape[2], num_classes)
-        else:
-            model = ResNet20(shape[0], num_classes)
-    else:
-        raise WorkflowError(f"model.arch must be one of fc, lenet, resnet20; got {cfg.arch!r}")
+def fc(input_shape: list[int], num_classes: int, hidden: list[int] = (100, 50)) -> nn.Module:
+    """Model factory "pipeline.problem.models:fc": FC with ReLU, He-initialised."""
+    model = FC(math.prod(int(s) for s in input_shape), [int(h) for h in hidden], int(num_classes))
     _he_init(model)
     return model
+
+
+def _image_shape(arch: str, input_shape: list[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3:
+        raise WorkflowError(f"model.arch = {arch!r} needs images [C, H, W], got input shape {list(shape)}")
+    return shape  # type: ignore[return-value]
+
+
+def lenet(input_shape: list[int], num_classes: int) -> nn.Module:
+    """Model factory "pipeline.problem.models:lenet": the paper's LeNet, He-initialised."""
+    c, h, w = _image_shape("lenet", input_shape)
+    if h < 4 or w < 4:
+        raise WorkflowError(f"model.arch = 'lenet' needs images of at least 4x4, got {[c, h, w]}")
+    model = LeNet(c, h, w, int(num_classes))
+    _he_init(model)
+    return model
+
+
+def resnet20(input_shape: list[int], num_classes: int) -> nn.Module:
+    """Model factory "pipeline.problem.models:resnet20": CIFAR ResNet-20 with BatchNorm, He-initialised."""
+    c, _, _ = _image_shape("resnet20", input_shape)
+    model = ResNet20(c, int(num_classes))
+    _he_init(model)
+    return model
+
+
+def factory_of(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> tuple[str, dict[str, Any]]:
+    """The built-in model of a workflow's `arch` shorthand, as a reference and JSON kwargs."""
+    if cfg.arch not in ("fc", "lenet", "resnet20"):
+        raise WorkflowError(f"model.arch must be one of fc, lenet, resnet20; got {cfg.arch!r}")
+    kwargs: dict[str, Any] = {"input_shape": [int(s) for s in input_shape], "num_classes": int(num_classes)}
+    if cfg.arch == "fc":
+        kwargs["hidden"] = [int(h) for h in cfg.hidden]
+    return f"pipeline.problem.models:{cfg.arch}", kwargs
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A freshly initialised model; the caller seeds torch first so initialisation is reproducible."""
+    ref, kwargs = factory_of(cfg, input_shape, num_classes)
+    return {"fc": fc, "lenet": lenet, "resnet20": resnet20}[cfg.arch](**kwargs)
 
 
 def model_spec(cfg: ModelConfig, model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
@@ -143,4 +171,5 @@ def model_spec(cfg: ModelConfig, model: nn.Module, input_shape: tuple[int, ...],
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Trainable parameters: those LCA allocates to (frozen ones are held fixed, outside the layout)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

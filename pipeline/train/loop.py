@@ -15,17 +15,20 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from typing import Any, Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from trajectory_store import TrajectoryWriter
 
 from pipeline.config import OptimizerConfig, ScheduleConfig, Workflow
-from pipeline.problem.data import dataset_spec, load_split, resolve_data_config, split_size
 from pipeline.errors import DivergenceError, WorkflowError
-from pipeline.problem.models import build_model, count_parameters, model_spec
+from pipeline.problem.data import dataset_spec, resolve_data_config, split_size
+from pipeline.problem.definition import Problem, check_loss_value
+from pipeline.problem.models import count_parameters, model_spec
+from pipeline.problem.splits import Split
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,9 @@ def total_steps(workflow: Workflow, num_samples: int) -> tuple[int, int]:
     shuffle is dropped so that every step sees exactly batch_size samples."""
     t = workflow.train
     if t.batch_size > num_samples:
+        what = workflow.data.factory or workflow.data.dataset
         raise WorkflowError(f"train.batch_size = {t.batch_size} exceeds the {num_samples} training samples of "
-                            f"{workflow.data.dataset!r}; lower it")
+                            f"{what!r}; lower it")
     per_epoch = num_samples // t.batch_size
     return (t.steps if t.steps > 0 else t.epochs * per_epoch), per_epoch
 
@@ -110,27 +114,44 @@ def train(workflow: Workflow, store: str, *, overwrite: bool = False, progress: 
     start = time.perf_counter()
     device = pick_device(workflow.train.device)
     data_cfg = resolve_data_config(workflow.data)
-    x, y = load_split(data_cfg, "train")
-    spec = dataset_spec(data_cfg, sizes=(len(y), split_size(data_cfg, "heldout")))
-    input_shape, num_classes = tuple(spec["input_shape"]), int(spec["num_classes"])
-    steps, _ = total_steps(workflow, len(y))
+    workflow = workflow.replace(data={"path": data_cfg.path})  # absolute, so workers find the files
+    problem = Problem.from_workflow(workflow)
+    splits = problem.build_data()
+    data = problem.build_split("train", splits)
+    # What training saw, hashed in evaluation order: compute refuses to integrate any other data.
+    fingerprints = {"train": data.fingerprint()}
+    if "heldout" in splits and "heldout" in workflow.lca.splits:
+        fingerprints["heldout"] = problem.build_split("heldout", splits).fingerprint()
+    problem = problem.replace(fingerprints=fingerprints)
+    steps, _ = total_steps(workflow, len(data))
     batch_size = workflow.train.batch_size
 
     with _reproducible(workflow.seed, device):
-        model = build_model(workflow.model, input_shape, num_classes).to(device)
+        model = problem.build_model().to(device)
+        if workflow.data.factory:
+            spec: dict[str, Any] = {"factory": workflow.data.factory, "train_size": len(data)}
+        else:
+            spec = dataset_spec(data_cfg, sizes=(len(data), split_size(data_cfg, "heldout")))
+        if workflow.model.factory:
+            mspec: dict[str, Any] = {"factory": workflow.model.factory, "class": type(model).__name__,
+                                     "num_parameters": count_parameters(model)}
+        else:
+            mspec = model_spec(workflow.model, model, tuple(spec["input_shape"]), int(spec["num_classes"]))
         attrs = {
-            "workflow": workflow.replace(data={"path": data_cfg.path}).to_dict(),
-            "model": model_spec(workflow.model, model, input_shape, num_classes),
+            "workflow": workflow.to_dict(),
+            "problem": problem.to_json(),
+            "model": mspec,
             "dataset": spec,
             "seed": workflow.seed,
         }
-        x, y = x.to(device), y.to(device)
-        batches = minibatches(len(y), batch_size, torch.Generator().manual_seed(workflow.seed))
-        optimizer = make_optimizer(workflow.optimizer, list(model.parameters()))
+        data = data.to(device)
+        batches = minibatches(len(data), batch_size, torch.Generator().manual_seed(workflow.seed))
+        optimizer = make_optimizer(workflow.optimizer, [p for p in model.parameters() if p.requires_grad])
         with TrajectoryWriter.create(store, model, steps=steps, batch_size=batch_size, attrs=attrs,
                                      overwrite=overwrite, chunk_steps=workflow.train.chunk_steps) as writer, \
                 _cpu_threads(model, device):
-            loss_value = _run_steps(workflow, model, optimizer, writer, x, y, batches, steps, progress)
+            loss_value = _run_steps(workflow, model, optimizer, writer, data, problem.build_loss(), batches,
+                                    steps, progress)
             writer.flush()
     return TrainResult(store=store, workflow=workflow.name, steps=steps, num_parameters=count_parameters(model),
                        final_loss=loss_value, seconds=time.perf_counter() - start, device=str(device))
@@ -177,11 +198,11 @@ def _cpu_threads(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _run_steps(workflow: Workflow, model: nn.Module, optimizer: torch.optim.Optimizer, writer: TrajectoryWriter,
-               x: torch.Tensor, y: torch.Tensor, batches: Iterator[torch.Tensor], steps: int,
+               data: Split, loss_fn: Callable[..., Any], batches: Iterator[torch.Tensor], steps: int,
                progress: bool) -> float:
-    """The loop itself; returns the last minibatch loss."""
+    """The loop itself; returns the last minibatch loss (the problem's loss: summed loss / count)."""
     model.train()
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=steps, unit="step", desc=workflow.name, leave=False,
                disable=not progress or not sys.stderr.isatty())
     loss_value = float("nan")
@@ -191,8 +212,11 @@ def _run_steps(workflow: Workflow, model: nn.Module, optimizer: torch.optim.Opti
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = next(batches)
-            dev_idx = idx.to(x.device)
-            loss = F.cross_entropy(model(x[dev_idx]), y[dev_idx])
+            xb, yb = data.take(idx)
+            value = loss_fn(model(**xb) if isinstance(xb, dict) else model(xb), yb)
+            if t == 0:
+                check_loss_value(value, f"loss {workflow.loss.factory or workflow.loss.kind}", finite=False)
+            loss = value[0] / value[1]
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 _diverged(writer, t, f"loss is {loss_value}", workflow.optimizer.lr)
