@@ -330,6 +330,12 @@ def test_wrong_data_is_refused_naming_both_fingerprints(tmp_path):
     with pytest.raises(ProblemError, match="fingerprint"):
         compute_lca(str(store), workflow=load_workflow(ROOT / "workflows" / "digits-fc.toml"), executor="inline",
                     progress=False)
+    # The same loop recording no problem at all, only its sample indices (the README's earlier loop): the
+    # first step's minibatch loss, replayed on the workflow's data, gives it away.
+    bare = tmp_path / "bare.zarr"
+    user_loop(own, bare, steps=4, lr=0.001, record_problem=False)
+    out = lca_cli("compute", str(bare), "--workflow", "workflows/digits-fc.toml", "--inline")
+    assert_refused(out, bare, "records no data fingerprint", "minibatch loss")
 
 
 def test_bad_factories_and_losses_are_one_line_each(tmp_path):
@@ -353,6 +359,10 @@ def test_bad_factories_and_losses_are_one_line_each(tmp_path):
         assert_refused(out, store, *needles)
     # Nothing given at all: the store records no problem.
     assert_refused(lca_cli("compute", str(store), "--inline"), store, "records no problem definition")
+    # The right definition passes every check, the replay of the first step's minibatch loss included.
+    compute_lca(str(store), model="tests.own_problem:mlp", data="tests.own_problem:regression", loss="mse",
+                executor="inline", progress=False)
+    assert open_lca(str(store)).sizes["iteration"] == 2
     # The store records its problem: another loss is refused too.
     store2 = tmp_path / "s2.zarr"
     user_loop(good, store2, steps=2)

@@ -360,7 +360,49 @@ def check_problem(reader: Any, problem: Problem, stored: Problem | None, split_n
     with torch.no_grad():
         value = probe._batch_loss(torch.as_tensor(reader.params(0, 1)[0]), probe.inputs, probe.targets)
     check_loss_value(value, f"loss {problem.loss}")
+    if "train" in evaluated and not (stored and stored.fingerprints.get("train")):
+        _replay_first_step(reader, problem, evaluated["train"], net)
     return problem.replace(fingerprints=fingerprints)
+
+
+REPLAY_RTOL = 1e-3
+
+
+def _replay_first_step(reader: Any, problem: Problem, split: Any, net: Any) -> None:
+    """For a store without a data fingerprint: recompute the first step's recorded minibatch loss from its
+    recorded sample indices. Another data set (other samples, another scaling), model or loss gives another
+    number; refuse then. Skipped when the store lacks indices or loss, or the model has active dropout (the
+    recorded loss was then random)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from pipeline.lca.evaluate import Evaluator
+
+    indices = reader.batch_indices
+    if indices is None or reader.num_steps < 1:
+        return
+    row = indices[0][indices[0] >= 0]
+    recorded = float(reader.minibatch_loss[0])
+    if row.size == 0 or not np.isfinite(recorded):
+        return
+    if int(row.max()) >= len(split):
+        raise ProblemError(f"{reader.path} recorded sample index {int(row.max())} at step 0, but the training data "
+                           f"to evaluate ({problem.data}) has {len(split)} samples: it is not the data the run "
+                           f"was trained on")
+    if any(isinstance(m, nn.Dropout) and m.p > 0 or isinstance(m, nn.MultiheadAttention) and m.dropout > 0
+           for m in net.modules()):
+        return
+    x, y = split.take(torch.as_tensor(row))
+    ev = Evaluator(net, reader.layout, x, y, batch_size=len(row), device="cpu", precision="fp64", mode="loop",
+                   loss=problem.build_loss(), frozen=reader.frozen())
+    replayed = float(ev.loss_and_grad(reader.params(0, 1).astype(np.float64))[0][0])
+    if abs(replayed - recorded) > REPLAY_RTOL * max(1.0, abs(recorded)):
+        raise ProblemError(
+            f"{reader.path} records no data fingerprint, and its first step's minibatch loss {recorded:.6g} is "
+            f"{replayed:.6g} on the data to evaluate ({problem.data}) with loss {problem.loss}: the data, model or "
+            f"loss differ from training's; use the ones the run was trained with (record them with "
+            f"TrajectoryWriter.create(..., problem=...))")
 
 
 def _unguarded_main() -> str | None:
