@@ -127,6 +127,20 @@ def test_lightning_refuses_an_existing_store_in_one_line(tmp_path: Path) -> None
     assert _trajectory(store)[0].shape[0] == 4
 
 
+def test_lightning_frozen_parameters_stay_out_of_the_layout(tmp_path: Path) -> None:
+    module = _lightning_module()
+    module.net[0].requires_grad_(False)
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    store = tmp_path / "l.zarr"
+    _lightning_fit(module, store, accumulate=1, batches=3)
+    reader = open_trajectory(str(store))
+    assert reader.layout.names == ["net.2.weight", "net.2.bias"]
+    assert reader.params(0, reader.num_checkpoints).shape == (4, 8 * 3 + 3)
+    assert set(reader.frozen()) == set(frozen)
+    for name, value in frozen.items():
+        np.testing.assert_array_equal(reader.frozen()[name], value.numpy())
+
+
 # ---- Hugging Face ----------------------------------------------------------------------------------------
 
 def _tiny_gpt2(seed: int = 0):

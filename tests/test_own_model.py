@@ -44,9 +44,8 @@ def _results(store: Path):
     from pipeline import open_lca
 
     ds = open_lca(str(store))
-    lca = ds["lca_param"] if "lca_param" in ds else ds["lca"]
-    return (np.asarray(lca.values, np.float64), np.asarray(ds["residual"].values), np.asarray(ds["loss"].values),
-            np.asarray(ds["loss_after"].values), np.asarray(ds["splits"].values))
+    return tuple(np.asarray(ds[name].values, np.float64)
+                 for name in ("lca_param", "residual", "loss", "loss_after", "splits"))
 
 
 def _check_conservation(store: Path, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from trajectory_store import TrajectoryWriter
-from trajectory_store.errors import StoreError
 from trajectory_store.location import StorePathLike
 
 _live: "weakref.WeakSet[StepRecorder]" = weakref.WeakSet()
@@ -52,18 +51,6 @@ def _register_exit_hook() -> None:
     _exit_hook_registered = True
 
 
-def problem_attrs(problem: Any) -> dict[str, Any]:
-    """The store attributes that record what L is: a `pipeline.Problem` (which fingerprints its data
-    here, as training sees it) or the JSON dict of one."""
-    if problem is None:
-        return {}
-    if hasattr(problem, "writer_attrs"):
-        return problem.writer_attrs()
-    if isinstance(problem, dict):
-        return {"problem": problem}
-    raise StoreError(f"problem= must be a pipeline.Problem or its JSON dict, got {type(problem).__name__}")
-
-
 class StepRecorder:
     """The state of one recording: created lazily at train start, closed at train end or on a crash."""
 
@@ -89,10 +76,11 @@ class StepRecorder:
         """Create the store and take theta_0 from `model` as it is before the first optimizer step."""
         if self.writer is not None:  # a second fit() on the same callback: the first one never ended
             self.finish("interrupted")
-        attrs = {"recorded_by": source, **self.attrs, **problem_attrs(self.problem)}
+        # The writer records the problem with its data's fingerprints, taken here as training sees the data.
         self.writer = TrajectoryWriter.create(
-            self.store, model, steps=steps if steps and steps > 0 else None, attrs=attrs,
-            overwrite=self.overwrite, chunk_steps=self.chunk_steps, storage_options=self.storage_options)
+            self.store, model, steps=steps if steps and steps > 0 else None,
+            attrs={"recorded_by": source, **self.attrs}, problem=self.problem, overwrite=self.overwrite,
+            chunk_steps=self.chunk_steps, storage_options=self.storage_options)
         self._losses, self._lr = [], math.nan
         _live.add(self)
         _register_exit_hook()
@@ -103,7 +91,7 @@ class StepRecorder:
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 return
-            loss = loss.detach().float().item()
+            loss = loss.detach().item()
         self._losses.append(float(loss))
         self._loss_is_part = part_of_step
 
