@@ -78,8 +78,56 @@ def has_metadata(loc: Location, store: Store | None = None) -> bool:
         raise StoreError(f"cannot read {loc.name}: {e}") from e
 
 
+def check_inside(loc: Location, *parts: str) -> None:
+    """Refuse a symbolic link anywhere in the store's `parts` (or the whole store): writing or deleting through
+    one would reach outside the store's folder. A local store only; the store's own path may be a link."""
+    if loc.local is None:
+        return
+    for part in parts or ("",):
+        top = loc.local / part if part else loc.local
+        if part and top.is_symlink():
+            _refuse_link(loc, top)
+        if not top.is_dir():
+            continue
+        for folder, dirs, files in os.walk(top, followlinks=False):
+            for entry in dirs + files:
+                path = Path(folder) / entry
+                if path.is_symlink():
+                    _refuse_link(loc, path)
+
+
+def _refuse_link(loc: Location, path: Path) -> None:
+    rel = path.relative_to(loc.local) if loc.local is not None else path
+    raise StoreError(f"{loc.name}: {rel} is a symbolic link (to {os.readlink(path)}); refusing to write or delete "
+                     f"through it, since a store's contents must stay inside its folder: replace the link with "
+                     f"the folder it points to, or use another store")
+
+
+def check_ours(loc: Location) -> None:
+    """Before an overwrite deletes a local store: it must be a trajectory store and hold nothing else."""
+    import json
+
+    assert loc.local is not None
+    try:
+        meta = json.loads((loc.local / "zarr.json").read_text())
+        attrs = meta.get("attributes") or {}
+        ours = meta.get("node_type") == "group" and "format_version" in attrs and "layout" in attrs
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise StoreError(f"{loc.name} holds a Zarr store that is not a trajectory store; refusing to replace it: "
+                         f"delete it yourself or choose another store path")
+    for entry in sorted(loc.local.iterdir()):
+        if entry.name == "zarr.json" and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.is_symlink() or not entry.is_dir() or not (entry / "zarr.json").is_file():
+            raise StoreError(f"{loc.name} holds {entry.name}, which is not part of a trajectory store; refusing "
+                             f"to delete it with --overwrite: move it away or choose another store path")
+    check_inside(loc)
+
+
 def check_creatable(loc: Location, overwrite: bool) -> None:
-    """Refuse to replace a store without overwrite, and anything that is not a store at all, ever."""
+    """Refuse to replace a store without overwrite, and anything that is not one of our stores, ever."""
     if loc.local is not None:
         p = loc.local
         if p.exists() or p.is_symlink():
@@ -88,6 +136,7 @@ def check_creatable(loc: Location, overwrite: bool) -> None:
             if has_metadata(loc):
                 if not overwrite:
                     raise StoreError(f"store {loc.name} already exists; pass --overwrite to replace it")
+                check_ours(loc)
             elif any(p.iterdir()):
                 raise StoreError(f"{loc.name} is a non-empty folder that is not a Zarr store; "
                                  "refusing to write there")
