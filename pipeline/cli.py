@@ -109,6 +109,12 @@ def _compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--threads-per-worker", type=int, default=None, help="Torch threads per CPU worker."),
         click.option("--block-steps", type=int, default=None,
                      help="Steps per task and output chunk [default: the trajectory's chunk]."),
+        click.option("--keep", type=click.Choice(["parameter", "unit", "layer"]), default=None,
+                     help="Finest LCA to store: per-layer always, per-unit unless 'layer', per-parameter only "
+                          "for 'parameter' [default: workflow's, else parameter]."),
+        click.option("--keep-layers", default=None, metavar="GLOBS",
+                     help="Comma-separated globs over tensor/module names (e.g. 'fc3.*'): store per-parameter "
+                          "LCA for these layers only."),
         click.option("--recompute", is_flag=True, help="Recompute blocks already done."),
         click.option("--inline", "executor", flag_value="inline", default="dask",
                      help="Run every block in this process: no Dask cluster, the same numbers."),
@@ -123,6 +129,8 @@ def _compute(store: str, **kw: Any) -> None:
 
     if kw.get("splits"):
         kw["splits"] = [s.strip() for s in kw["splits"].split(",") if s.strip()]
+    if kw.get("keep_layers") is not None:
+        kw["keep_layers"] = [g.strip() for g in kw["keep_layers"].split(",") if g.strip()]
     summary = compute_lca(store, **kw)
     click.echo(str(summary))
 

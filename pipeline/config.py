@@ -26,6 +26,7 @@ RULES = ("rk4", "first-order")
 SPLITS = ("train", "heldout")
 PRECISIONS = ("fp32", "tf32", "fp64")
 LOSSES = ("cross-entropy", "mse", "token-cross-entropy")
+KEEPS = ("parameter", "unit", "layer")
 
 
 def _choice(default: Any, choices: tuple[str, ...]) -> Any:
@@ -104,6 +105,11 @@ class LCAConfig:
     splits: list[str] = field(default_factory=lambda: ["train"])
     eval_batch_size: int = 4096    # fixed: with BatchNorm the full-set loss depends on it
     precision: str = _choice("fp32", PRECISIONS)
+    # The finest LCA stored: per-layer sums always, per-unit sums unless "layer", per-parameter LCA (as large
+    # as the trajectory) only for "parameter". keep_layers: globs over tensor or module names whose
+    # per-parameter LCA is stored whatever `keep` says (and, with keep = "parameter", only theirs).
+    keep: str = _choice("parameter", KEEPS)
+    keep_layers: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

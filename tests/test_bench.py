@@ -19,7 +19,7 @@ from .conftest import LCA, ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-SECTIONS = ("gradient", "precision", "lca", "training", "storage")
+SECTIONS = ("gradient", "precision", "lca", "training", "storage", "recording_scale", "scale_run")
 
 
 def positive(row: dict, *keys: str) -> None:
@@ -121,6 +121,27 @@ def test_storage_is_bit_exact_and_smaller_than_h5py_gzip(smoke):
     assert r["raw_bytes"] == 4 * r["checkpoints"] * r["params"]
     assert r["store_bytes"] < r["h5py_gzip_bytes"]
     assert r["x_smaller"] == pytest.approx(r["h5py_gzip_bytes"] / r["store_bytes"], rel=1e-9)
+
+
+def test_recording_scale_rows(smoke):
+    rows = smoke[0]["recording_scale"]
+    assert [(r["writer_threads"].split()[0], r["torch_threads"]) for r in rows][1:] == [("2", 1), ("1", 1)]
+    for r in rows:
+        positive(r, "params", "steps", "row_mb", "without_ms_per_step", "with_ms_per_step", "max_record_ms",
+                 "store_mb")
+        assert r["overhead_pct"] == pytest.approx(100 * (r["with_ms_per_step"] / r["without_ms_per_step"] - 1))
+    assert rows[0]["writer_threads"] == "1 (default)"  # smoke runs with one torch thread: half of 1-2 cores
+
+
+def test_scale_run_rows(smoke):
+    unit, param = smoke[0]["scale_run"]
+    assert (unit["keep"], param["keep"]) == ("unit", "parameter")
+    for r in (unit, param):
+        positive(r, "params", "steps", "lca_s", "points_per_step", "baseline_mb", "peak_mb")
+        assert r["max_abs_residual"] <= 1e-4 and r["peak_mb"] >= r["baseline_mb"] * 0.5
+        assert r["within_target"] == (r["bytes_per_param"] <= r["target_bytes_per_param"])
+    # Keeping units writes far less than keeping parameters, even at toy size (6,938 parameters, 134 units).
+    assert unit["output_mb"] < param["output_mb"] and unit["x_smaller"] > 2
 
 
 def test_cli_bench_smoke_exits_zero(tmp_path):

@@ -19,7 +19,7 @@ LAYERS = [("fc1.weight", "fc1", (16, 10)), ("fc1.bias", "fc1", (16,)),
 KEYS = {"store", "rule", "tol", "steps", "steps_total", "parameters", "layers", "modules", "helped_fraction",
         "distribution", "layer_totals", "hurting_layers", "module_totals", "hurting_modules", "units",
         "synchronisation", "residual", "reconstruction", "points", "heldout", "figures", "run", "settings",
-        "figure_files"}
+        "figure_files", "parameters_kept", "missing"}
 
 
 def training_like(t: int = 150, seed: int = 0, heldout: bool = False, **kw):

@@ -17,12 +17,12 @@ from trajectory_store import open_trajectory
 
 P = 3000
 
-CHILD = textwrap.dedent(f"""
+CHILD = textwrap.dedent("""
     import sys
     import numpy as np
     from trajectory_store import ParamLayout, TrajectoryWriter
 
-    P = {P}
+    P = @P@
 
     def row(step):
         # A deterministic function of the step, with awkward bit patterns mixed in.
@@ -33,7 +33,7 @@ CHILD = textwrap.dedent(f"""
 
     layout = ParamLayout.from_named_shapes([("a.weight", (50, 40)), ("a.bias", (50,)), ("b.weight", (950,))])
     assert layout.size == P
-    w = TrajectoryWriter.create(sys.argv[1], layout, initial=row(0), chunk_steps=8, flush_seconds=None)
+    w = TrajectoryWriter.create(sys.argv[1], layout, initial=row(0), chunk_steps=8, flush_seconds=None@KW@)
     step = 0
     while True:  # until killed: no sleep, so the kill lands inside writes as often as not
         step += 1
@@ -52,10 +52,14 @@ def expected_row(step: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra_sleep", [0.0, 0.037])
-def test_sigkill_leaves_a_consistent_store(tmp_path: Path, extra_sleep: float) -> None:
+@pytest.mark.parametrize("extra_sleep, writer", [
+    (0.0, ""), (0.037, ""),
+    # two compression threads, rows staged in a file in the store (max_buffer_bytes below one chunk)
+    (0.0, ", threads=2, max_buffer_bytes=1"),
+])
+def test_sigkill_leaves_a_consistent_store(tmp_path: Path, extra_sleep: float, writer: str) -> None:
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script.write_text(CHILD.replace("@P@", str(P)).replace("@KW@", writer))
     store = tmp_path / "run.zarr"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, str(script), str(store)], stdout=subprocess.PIPE,

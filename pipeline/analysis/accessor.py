@@ -341,10 +341,44 @@ class LCAAccessor:
             raise LCAError(f"the dataset has no `{key}` variable{hint}")
         return self._ds[key]
 
-    def _dask_lca(self, split: str):
+    def _param(self, split: str, question: str) -> xr.DataArray:
+        """Per-parameter LCA, or one line saying that `question` needs it and how to get it.
+
+        Results computed with `--keep unit` or `--keep layer` answer layer and unit questions from their
+        own arrays; only questions about individual parameters (the helped fraction, the distribution of
+        LCA values) need this, and with `--keep-layers` they are answered over the kept layers only.
+        """
+        key = SPLITS.get(split, "") + "lca_param"
+        if split in SPLITS and key not in self._ds and SPLITS[split] + OLD_NAMES["lca_param"] not in self._ds \
+                and self.has_split(split):
+            from pipeline.errors import LCAError
+
+            keep = self._ds.attrs.get("keep", "unit")
+            raise LCAError(f"{question} needs per-parameter LCA, which this result did not keep (keep={keep}); "
+                           f"recompute with `lca compute STORE --keep parameter --recompute`, or "
+                           f"--keep-layers GLOB for the layers you need")
+        return self._var("lca_param", split)
+
+    def _param_columns(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each layer's first position in `lca_param` and its width there (0 for a layer not kept):
+        with --keep-layers the array holds only some tensors, and `parameter` names their global columns."""
+        import numpy as np
+
+        offs = np.asarray(self._ds["layer_offset"].values, dtype=np.int64)
+        sizes = np.asarray(self._ds["layer_size"].values, dtype=np.int64)
+        cols = np.asarray(self._param(split, "per-parameter analysis")["parameter"].values, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(cols, offs), max(cols.size - 1, 0))
+        kept = (cols.size > 0) & (cols[pos] == offs) if cols.size else np.zeros(offs.size, bool)
+        return np.where(kept, pos, 0), np.where(kept, sizes, 0)
+
+    def has_parameters(self, split: str = "train") -> bool:
+        """Whether per-parameter LCA was kept (for every tensor, or for the `--keep-layers` ones)."""
+        return any(SPLITS[split] + n in self._ds for n in ("lca_param", OLD_NAMES["lca_param"]))
+
+    def _dask_lca(self, split: str, question: str = "this analysis"):
         import dask.array as da
 
-        data = self._var("lca_param", split).data
+        data = self._param(split, question).data
         return data if isinstance(data, da.Array) else da.from_array(data, chunks="auto")
 
     def has_split(self, split: str) -> bool:
@@ -410,7 +444,7 @@ class LCAAccessor:
     def _helped_counts(self, split: str) -> xr.Dataset:
         import xarray as xr
 
-        x = self._var("lca_param", split)
+        x = self._param(split, "the helped fraction")
         return xr.Dataset({
             "helped": (x < 0).sum("parameter"),
             "moved": ((x != 0) & x.notnull()).sum("parameter"),
@@ -427,7 +461,7 @@ class LCAAccessor:
             raise ValueError(f"by must be None, 'layer' or 'module', not {by!r}")
         x = self._var("lca_param", split)
         arr = self._dask_lca(split)
-        offs, sizes = self._ds["layer_offset"].values, self._ds["layer_size"].values
+        offs, sizes = self._param_columns(split)
         helped = da.stack([(arr[:, o:o + n] < 0).sum(axis=1) for o, n in zip(offs, sizes)], axis=1)
         moved = da.stack([((arr[:, o:o + n] != 0) & ~da.isnan(arr[:, o:o + n])).sum(axis=1)
                           for o, n in zip(offs, sizes)], axis=1)
@@ -481,7 +515,7 @@ class LCAAccessor:
         import dask
 
         self._require_complete(split, "distribution")
-        blocks, hist = _distribution_parts(self._dask_lca(split))
+        blocks, hist = _distribution_parts(self._dask_lca(split, "the distribution of LCA values"))
         blocks, hist = dask.compute(blocks, hist)
         return finish_distribution(blocks, hist, quantiles)
 
@@ -529,6 +563,14 @@ class LCAAccessor:
         import numpy as np
         import xarray as xr
 
+        key = SPLITS.get(split, "") + "lca_unit"
+        if key in self._ds:  # written at compute time
+            return self._ds[key].rename("unit_lca")
+        if not self.has_parameters(split) and self.has_split(split):
+            from pipeline.errors import LCAError
+
+            raise LCAError("per-unit LCA was not kept (--keep layer) and neither was per-parameter LCA; recompute "
+                           "with `lca compute STORE --keep unit --recompute` for unit questions")
         x = self._var("lca_param", split)
         arr = self._dask_lca(split)
         ids, unit_module, unit_index = self._unit_ids()
@@ -721,7 +763,13 @@ class LCAAccessor:
         off, size = int(self._ds["layer_offset"].values[i]), int(self._ds["layer_size"].values[i])
         shape = (tuple(json.loads(str(self._ds["layer_shape"].values[i]))) if "layer_shape" in self._ds.coords
                  else (size,))
-        x = self._var("lca_param", split).isel(parameter=slice(off, off + size))
+        pos, kept = self._param_columns(split)
+        if kept[i] == 0 and size:
+            from pipeline.errors import LCAError
+
+            raise LCAError(f"per-parameter LCA of {name} was not kept (keep={self._ds.attrs.get('keep')}); "
+                           f"recompute with --keep parameter or --keep-layers {name}")
+        x = self._param(split, "LCA in a tensor's shape").isel(parameter=slice(int(pos[i]), int(pos[i]) + size))
         if iteration is None:
             self._require_complete(split, "tensor")
             flat = np.asarray(x.sum("iteration", skipna=False, dtype=np.float64).values)
@@ -774,7 +822,10 @@ class LCAAccessor:
 
     def scan(self, split: str = "train", quantiles: Sequence[float] = QUANTILES,
              iteration_bins: int | None = None) -> dict[str, Any]:
-        """Helped fraction, pooled distribution and per-unit LCA from a single read of `lca`.
+        """Helped fraction, pooled distribution and per-unit LCA from a single read of `lca_param`.
+
+        What the result did not keep comes back as None, with the reason under "missing": the helped
+        fraction and the distribution need per-parameter LCA; per-unit LCA is read from `lca_unit`.
 
         Why: `lca_param` is the one large array; three separate passes would read it three times. `unit_lca` comes
         back summed into at most `iteration_bins` equal groups of consecutive iterations (LCA is additive,
@@ -783,18 +834,33 @@ class LCAAccessor:
         import dask
 
         self._require_complete(split, "scan")
-        counts = self._helped_counts(split)
-        blocks, hist = _distribution_parts(self._dask_lca(split))
-        units = self.unit_lca(split)
-        if iteration_bins and units.sizes["iteration"] > iteration_bins:
-            k = -(-units.sizes["iteration"] // iteration_bins)
-            units = units.coarsen(iteration=k, boundary="pad", coord_func="min").sum()
-        counts, blocks, hist, units = dask.compute(counts, blocks, hist, units)
+        missing: dict[str, str] = {}
+        keep = self._ds.attrs.get("keep", "unit")
+        parts: dict[str, Any] = {}
+        if self.has_parameters(split):
+            parts["counts"] = self._helped_counts(split)
+            parts["blocks"], parts["hist"] = _distribution_parts(self._dask_lca(split))
+        else:
+            why = f"needs per-parameter LCA, which this result did not keep (keep={keep})"
+            missing |= {"helped_fraction": why, "distribution": why}
+        if SPLITS.get(split, "") + "lca_unit" in self._ds or self.has_parameters(split):
+            units = self.unit_lca(split)
+            if iteration_bins and units.sizes["iteration"] > iteration_bins:
+                k = -(-units.sizes["iteration"] // iteration_bins)
+                units = units.coarsen(iteration=k, boundary="pad", coord_func="min").sum()
+            parts["units"] = units
+        else:
+            missing["unit_lca"] = f"per-unit LCA was not kept (keep={keep})"
+        parts = dict(zip(parts, dask.compute(*parts.values())))
+        counts = parts.get("counts")
         return {
-            "helped_fraction": (counts.helped / counts.moved.where(counts.moved > 0)).rename("helped_fraction"),
-            "helped_fraction_stats": _fraction_stats(counts),
-            "distribution": finish_distribution(blocks, hist, quantiles),
-            "unit_lca": units,
+            "helped_fraction": None if counts is None else
+            (counts.helped / counts.moved.where(counts.moved > 0)).rename("helped_fraction"),
+            "helped_fraction_stats": None if counts is None else _fraction_stats(counts),
+            "distribution": None if counts is None else finish_distribution(parts["blocks"], parts["hist"],
+                                                                            quantiles),
+            "unit_lca": parts.get("units"),
+            "missing": missing,
         }
 
 

@@ -8,6 +8,7 @@ docs/ARCHITECTURE.md; the `ds.lca` accessor (pipeline/analysis/accessor.py) adds
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import dask.array as da
@@ -15,16 +16,33 @@ import numpy as np
 import xarray as xr
 
 from pipeline.errors import IncompleteResultError, IncompleteResultWarning, LCAError
-from pipeline.lca.plan import array_names, split_prefix, split_stats
+from pipeline.lca.outputs import OutputSpec, UnitMap
+from pipeline.lca.plan import array_names, has_result, result_meta, split_prefix, split_stats
 
 
-def _split_variables(root: Any, split: str, layout: Any, steps: int, block: int) -> dict[str, tuple]:
+def _split_variables(root: Any, split: str, layout: Any, steps: int, block: int) -> tuple[dict[str, tuple], Any]:
+    """One split's variables (whatever the result kept), and the global columns its per-parameter LCA covers
+    (None: not kept)."""
     names = array_names(split)
     prefix = split_prefix(split)
-    lca = da.from_zarr(root[names["lca"]])
-    # Layers are contiguous column ranges, so per-layer sums are slices, accumulated in float64.
-    by_layer = da.stack([lca[:, t.offset:t.offset + t.size].sum(axis=1, dtype=np.float64)
-                         for t in layout.tensors], axis=1)
+    variables: dict[str, tuple] = {}
+    columns = None
+    if names["lca"] in root:
+        lca = da.from_zarr(root[names["lca"]])
+        kept = (result_meta(root, split).attrs.get("outputs") or {}).get("kept_layers")
+        # Stores from before per-unit outputs kept every parameter; a glob keeps a subset of the tensors.
+        spec = OutputSpec.build(layout, "unit", kept) if kept is not None and len(kept) < len(layout) else None
+        columns = spec.kept_columns() if spec is not None else np.arange(layout.size)
+        variables[f"{prefix}lca_param"] = (("iteration", "parameter"), lca)
+    if names["layer"] in root:
+        by_layer = da.from_zarr(root[names["layer"]])
+    else:  # written before per-layer outputs: layers are contiguous column ranges of the full array
+        by_layer = da.stack([lca[:, t.offset:t.offset + t.size].sum(axis=1, dtype=np.float64)
+                             for t in layout.tensors], axis=1)
+    variables[f"{prefix}lca_layer"] = (("iteration", "layer"), by_layer.rechunk((block, -1)))
+    if names["unit"] in root:
+        units = da.from_zarr(root[names["unit"]])
+        variables[f"{prefix}lca_unit"] = (("iteration", "unit"), units.rechunk((block, units.chunksize[1])))
     loss = da.from_zarr(root[names["loss"]])
     per_step = {
         f"{prefix}loss": loss[:steps],
@@ -36,10 +54,8 @@ def _split_variables(root: Any, split: str, layout: Any, steps: int, block: int)
     }
     # Uniform chunks along iteration (slicing loss by one row leaves chunks like (63, 1, 63, 1, ...)), and
     # one chunk across layers: what `to_zarr` needs to write the Dataset out as it is.
-    variables = {f"{prefix}lca_param": (("iteration", "parameter"), lca),
-                 f"{prefix}lca_layer": (("iteration", "layer"), by_layer.rechunk((block, -1)))}
     variables |= {k: (("iteration",), v.rechunk(block)) for k, v in per_step.items()}
-    return variables
+    return variables, columns
 
 
 def _complete(root: Any, split: str, steps: int, block: int) -> np.ndarray:
@@ -49,7 +65,7 @@ def _complete(root: Any, split: str, steps: int, block: int) -> np.ndarray:
 
 
 def computed_splits(root: Any) -> list[str]:
-    return [s for s in ("train", "heldout") if array_names(s)["lca"] in root]
+    return [s for s in ("train", "heldout") if has_result(root, s)]
 
 
 def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
@@ -62,8 +78,6 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
     `IncompleteResultError`), or "drop" (only the finished iterations, with a warning saying how many
     were left out).
     """
-    import warnings
-
     from trajectory_store import open_trajectory
 
     if incomplete not in ("warn", "raise", "drop"):
@@ -73,24 +87,34 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
     splits = computed_splits(root)
     if not splits:
         raise LCAError(f"{path} has no LCA yet; compute it with `lca compute {path}` (or `make lca`)")
-    steps = int(root[array_names(splits[0])["lca"]].shape[0])
+    steps = int(root[array_names(splits[0])["residual"]].shape[0])
     variables: dict[str, tuple] = {}
     complete: dict[str, tuple] = {}
     done, total = 0, 0
+    columns = None
     for split in splits:
-        lca_attrs = root[array_names(split)["lca"]].attrs
+        lca_attrs = result_meta(root, split).attrs
         block = int(lca_attrs.get("block", steps) or steps) or 1
-        variables.update(_split_variables(root, split, layout, steps, block))
+        split_vars, cols = _split_variables(root, split, layout, steps, block)
+        if cols is not None and columns is not None and not np.array_equal(cols, columns):
+            # One `parameter` dim per dataset: a split that kept other layers shows its sums only.
+            warnings.warn(f"{split} LCA kept per-parameter values of other layers than "
+                          f"{splits[0]}; its `{split_prefix(split)}lca_param` is left out", stacklevel=2)
+            split_vars.pop(f"{split_prefix(split)}lca_param")
+        elif cols is not None:
+            columns = cols
+        variables.update(split_vars)
         flags = np.asarray(root[array_names(split)["done"]][:])
         done, total = done + int(flags.sum()), total + flags.size
         complete[f"{split_prefix(split)}complete"] = ("iteration", _complete(root, split, steps, block))
-    settings = dict(root[array_names(splits[0])["lca"]].attrs.get("settings", {}))
+    settings = dict(result_meta(root, splits[0]).attrs.get("settings", {}))
+    units = UnitMap.from_layout(layout)
     coords = {
         "iteration": np.arange(steps),
-        "parameter": np.arange(layout.size),
         "layer": np.array([t.name for t in layout.tensors], dtype=object),
-        "param_layer": ("parameter", np.array(layout.names, dtype=object)[layout.layer_of_parameter()]),
-        "param_unit": ("parameter", layout.unit_of_parameter()),
+        "unit": np.arange(units.size),
+        "unit_module": ("unit", units.module.astype(object)),
+        "unit_index": ("unit", units.index),
         "layer_module": ("layer", np.array([t.module for t in layout.tensors], dtype=object)),
         "layer_offset": ("layer", [t.offset for t in layout.tensors]),
         "layer_size": ("layer", [t.size for t in layout.tensors]),
@@ -98,6 +122,11 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
         "layer_shape": ("layer", np.array([json.dumps(list(t.shape)) for t in layout.tensors], dtype=object)),
         **complete,
     }
+    if columns is not None:  # the parameter dim exists only where per-parameter LCA was kept
+        coords["parameter"] = columns
+        coords["param_layer"] = ("parameter",
+                                 np.array(layout.names, dtype=object)[layout.layer_of_parameter()[columns]])
+        coords["param_unit"] = ("parameter", layout.unit_of_parameter()[columns])
     missing = {s: int((~complete[f"{split_prefix(s)}complete"][1]).sum()) for s in splits}
     # Plain str / int / float attributes only, so to_netcdf and to_zarr store them as they are.
     attrs = {
@@ -105,6 +134,8 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
         "rule": str(settings.get("rule", "")),
         "tol": float(settings.get("tol", np.nan)),
         "precision": str(settings.get("precision", "")),
+        "keep": str(settings.get("keep", "parameter")),
+        "keep_layers": json.dumps(list(settings.get("keep_layers", []))),
         "splits_computed": ",".join(splits),
         "workflow": json.dumps(reader.workflow or {}),
         "settings": json.dumps(settings),
@@ -144,7 +175,7 @@ def _problem_lines(reader: Any, root: Any, splits: list[str]) -> list[str]:
     else:
         lines.append("problem     not recorded (compute needs --workflow FILE or --model/--data)")
     for split in splits:
-        used = root[array_names(split)["lca"]].attrs.get("problem")
+        used = result_meta(root, split).attrs.get("problem")
         if isinstance(used, dict) and (not reader.problem or used != reader.problem):
             p = Problem.from_json(used)
             lines.append(f"lca/{split:<7} computed with model {p.model}, data {p.data}, loss {p.loss}, "
@@ -178,13 +209,18 @@ def describe(path: str) -> str:
     if not splits:
         lines.append(f"lca         not computed yet: run `lca compute {path}`")
     for split in splits:
-        names = array_names(split)
-        settings = root[names["lca"]].attrs.get("settings", {})
+        settings = result_meta(root, split).attrs.get("settings", {})
         tol = float(settings.get("tol", np.inf))
         st = split_stats(root, split, tol)
         lines.append(f"lca/{split:<7} {st.blocks_done}/{st.blocks_total} blocks done "
                      f"({100 * st.blocks_done / st.blocks_total:.0f}%); rule {settings.get('rule')}, "
                      f"tol {settings.get('tol')}, {settings.get('precision')}")
+        kept = result_meta(root, split).attrs.get("outputs")
+        if kept:
+            per_param = ("every tensor" if len(kept["kept_layers"]) == len(layout) else
+                         ", ".join(kept["kept_layers"]) or "none")
+            lines.append(f"  keeps     per-layer{'' if kept['keep'] == 'layer' else ', per-unit'} LCA; "
+                         f"per-parameter for {per_param}")
         if st.steps_done:
             lines.append(f"  residual  |r| max {st.residual_abs_max:.3e}, mean {st.residual_abs_mean:.3e}, "
                          f"median {st.residual_abs_median:.3e}; {100 * st.within_tol:.1f}% of steps within tol")

@@ -60,7 +60,8 @@ def _rows(pairs: list[tuple[str, Any]]) -> str:
 
 
 def _findings(s: dict[str, Any]) -> str:
-    hf, d, sy, r = s["helped_fraction"], s["distribution"], s["synchronisation"], s["residual"]
+    # helped fraction and distribution are None when the result kept no per-parameter LCA (--keep unit)
+    hf, d, sy, r = s["helped_fraction"] or {}, s["distribution"] or {}, s["synchronisation"], s["residual"]
     hurt = ", ".join(f"{k} ({v:+.3g})" for k, v in list(s["hurting_layers"].items())[:8]) or "none"
     rows = [
         ("1. parameters that helped, per step", "about 50.7%",

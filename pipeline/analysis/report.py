@@ -90,7 +90,7 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
     scan = acc.scan("train", iteration_bins=HEATMAP_BINS)
     layer_totals = acc.layer_totals("train").compute()
     module_totals = acc.layer_totals("train", "module").compute()
-    unit_totals = scan["unit_lca"].sum("iteration")
+    unit_totals = scan["unit_lca"].sum("iteration") if scan["unit_lca"] is not None else None
     sync = acc.synchronisation("train", by="module", quantile=quantile, window=window, draws=draws, seed=seed)
     recon = acc.reconstruction("train")
     heldout = _heldout_summary(ds, acc)
@@ -101,7 +101,9 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
         "tol": ds.attrs.get("tol"),
         "steps": int(ds.sizes["iteration"]),
         "steps_total": steps_total,
-        "parameters": int(ds.sizes["parameter"]),
+        "parameters": int(ds["layer_size"].sum()),
+        # per-parameter LCA kept for (all, some or none of them: `lca compute --keep`, `--keep-layers`)
+        "parameters_kept": int(ds.sizes.get("parameter", 0)),
         "layers": int(ds.sizes["layer"]),
         "modules": len(acc.modules()),
         "helped_fraction": scan["helped_fraction_stats"],
@@ -111,13 +113,17 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
         "module_totals": _named(module_totals),
         "hurting_modules": {k: v for k, v in sorted(_named(module_totals).items(), key=lambda p: -p[1])
                             if v > 0},
-        "units": _unit_summary(unit_totals),
+        "units": _unit_summary(unit_totals) if unit_totals is not None else None,
+        # what this result could not answer, and why (it kept only coarser LCA)
+        "missing": scan["missing"],
         "synchronisation": {k: v for k, v in sync.items() if k != "null_counts"},
         "residual": acc.residual_stats("train"),
         "reconstruction": dict(recon.attrs),
         "points": _points(ds),
         "heldout": heldout,
-        "figures": list(FIGURES.values()),
+        "figures": [v for k, v in FIGURES.items()
+                    if not (k == "helped" and scan["helped_fraction"] is None)
+                    and not (k == "units" and scan["unit_lca"] is None)],
     }
 
     out = Path(out)
@@ -125,12 +131,14 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
     style = Style(stamp=run_stamp(ds, steps_total), formats=formats)
     summary["run"] = run_name(ds)
     summary["settings"] = _settings(ds)
-    summary["figure_files"] = [f"{Path(n).stem}.{fmt}" for n in FIGURES.values() for fmt in formats]
+    summary["figure_files"] = [f"{Path(n).stem}.{fmt}" for n in summary["figures"] for fmt in formats]
     _plot_loss(out / FIGURES["loss"], ds, recon, style)
-    _plot_helped(out / FIGURES["helped"], scan["helped_fraction"], summary["helped_fraction"], style)
+    if scan["helped_fraction"] is not None:
+        _plot_helped(out / FIGURES["helped"], scan["helped_fraction"], summary["helped_fraction"], style)
     _plot_layer_totals(out / FIGURES["layers"], layer_totals, style)
     _plot_cumulative(out / FIGURES["cumulative"], acc.cumulative("train").compute(), style)
-    _plot_units(out / FIGURES["units"], ds, scan["unit_lca"], style)
+    if scan["unit_lca"] is not None:
+        _plot_units(out / FIGURES["units"], ds, scan["unit_lca"], style)
     _plot_sync(out / FIGURES["sync"], acc.peaks("train", "module", quantile), sync, style)
     summary = _jsonable(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -265,7 +273,7 @@ def _heldout_summary(ds: xr.Dataset, acc: Any) -> dict[str, Any] | None:
     sub = type(acc)(ds.isel(iteration=np.flatnonzero(ok)))
     return {
         "steps": int(ok.sum()),
-        "helped_fraction": sub.helped_fraction_stats("heldout"),
+        "helped_fraction": sub.helped_fraction_stats("heldout") if sub.has_parameters("heldout") else None,
         "correlation_per_iteration": cmp.attrs["correlation_total"],
         "sign_agreement": cmp.attrs["sign_agreement"],
         "layer_totals": {str(k): {"train": float(a), "heldout": float(b), "correlation": float(c)}
@@ -306,12 +314,16 @@ def format_summary(s: dict[str, Any], out: Path | str | None = None) -> str:
     lines = [
         f"LCA report for {s['store']}",
         f"{'steps':<{w}}{s['steps']} of {s['steps_total']} complete (rule {s['rule'] or '?'}, tol {f(s['tol'])})",
-        f"{'parameters':<{w}}{s['parameters']:,} in {s['layers']} layers / {s['modules']} modules",
+        f"{'parameters':<{w}}{s['parameters']:,} in {s['layers']} layers / {s['modules']} modules"
+        + ("" if s.get("parameters_kept", s["parameters"]) == s["parameters"] else
+           f" (per-parameter LCA kept for {s.get('parameters_kept', 0):,})"),
         "-" * 78,
         f"{'1 helped fraction / step':<{w}}mean {f(hf['mean'], '.4f')}  std {f(hf['std'], '.4f')}  "
-        f"range {f(hf['min'], '.3f')}-{f(hf['max'], '.3f')}  (paper: 0.507)",
+        f"range {f(hf['min'], '.3f')}-{f(hf['max'], '.3f')}  (paper: 0.507)" if hf else
+        f"{'1 helped fraction / step':<{w}}n/a: {s.get('missing', {}).get('helped_fraction', 'not computed')}",
         f"{'  LCA distribution':<{w}}std {f(d['std'], '.3g')}  skew {f(d['skew'], '.3g')}  "
-        f"excess kurtosis {f(d['excess_kurtosis'], '.3g')}  top 1% carry {f(d['top_1pct_abs_share'], '.1%')} of |LCA|",
+        f"excess kurtosis {f(d['excess_kurtosis'], '.3g')}  top 1% carry {f(d['top_1pct_abs_share'], '.1%')} of |LCA|"
+        if d else f"{'  LCA distribution':<{w}}n/a",
         f"{'2 layers that hurt (total)':<{w}}{hurt}",
         f"{'  modules that hurt':<{w}}{hurt_m}",
         f"{'3 peak synchronisation':<{w}}observed {sy['observed']}  chance {f(sy['expected'], '.3g')}  "
@@ -328,7 +340,7 @@ def format_summary(s: dict[str, Any], out: Path | str | None = None) -> str:
                      f"({f(s['points'].get('mean_per_step'), '.3g')} per step)")
     if s.get("heldout"):
         h = s["heldout"]
-        lines.append(f"{'held-out':<{w}}helped {f(h['helped_fraction']['mean'], '.4f')}  corr with train "
+        lines.append(f"{'held-out':<{w}}helped {f((h['helped_fraction'] or {}).get('mean'), '.4f')}  corr with train "
                      f"{f(h['correlation_per_iteration'], '.3f')}  "
                      f"layers agreeing in sign {f(h['sign_agreement'], '.0%')}")
     if out is not None:

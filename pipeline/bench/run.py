@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.bench import end_to_end, gradient, precision, recording, storage
+from pipeline.bench import end_to_end, gradient, precision, recording, recording_scale, scale_run, storage
 from pipeline.bench.plan import make_plan
 from pipeline.bench.runs import run_workflow, train_store
 from pipeline.bench.table import format_table, header, jsonable
@@ -32,7 +32,7 @@ from pipeline.errors import DataError
 
 # Section name (the key in bench.json) -> its module, in the order they run.
 SECTIONS = {"gradient": gradient, "precision": precision, "lca": end_to_end, "training": recording,
-            "storage": storage}
+            "storage": storage, "recording_scale": recording_scale, "scale_run": scale_run}
 COLUMNS = {name: module.COLUMNS for name, module in SECTIONS.items()}
 TITLES = {name: module.TITLE for name, module in SECTIONS.items()}
 
@@ -123,6 +123,8 @@ def run_bench(*, smoke: bool = False, out: str = "bench-out", device: str = "aut
         rows, check = recording.bench_training(plan, dev, scratch)
         emit("training", rows)
         emit("storage", storage.bench_storage(check))
+        emit("recording_scale", recording_scale.bench_recording_scale(plan, dev, scratch))
+        emit("scale_run", scale_run.bench_scale_run(plan, dev, scratch))
     finally:
         set_precision("fp32")
         torch.set_num_threads(threads_before)

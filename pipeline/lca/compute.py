@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 from pipeline.config import Workflow
 from pipeline.errors import LCAError, ProblemError
-from pipeline.lca.plan import Settings, SplitStats, array_names, plan_split, split_stats
+from pipeline.lca.plan import Settings, SplitStats, array_names, plan_split, result_meta, split_stats
 from pipeline.lca.worker import TaskSpec, release, run_block
 from pipeline.problem.definition import LossSpec, Problem, Ref, check_fingerprint
 
@@ -81,7 +81,8 @@ class ComputeSummary:
 
     def __str__(self) -> str:
         s = self.settings
-        lines = [f"LCA ({s.rule}, tol {s.tol:g}, max splits {s.max_splits}, {s.precision}) for {self.store}"]
+        kept = f", keep {s.keep}" + (f" + {','.join(s.keep_layers)}" if s.keep_layers else "")
+        lines = [f"LCA ({s.rule}, tol {s.tol:g}, max splits {s.max_splits}, {s.precision}{kept}) for {self.store}"]
         for sp in self.splits:
             st = sp.stats
             steps_per_s = sp.steps * sp.blocks_computed / max(st.blocks_total, 1) / self.seconds \
@@ -102,7 +103,8 @@ def resolve_settings(wf: Workflow, **overrides: Any) -> Settings:
     """The workflow's LCA settings with command-line overrides, validated by the workflow schema."""
     changes = {k: v for k, v in overrides.items() if v is not None}
     lca = wf.replace(lca=changes).lca if changes else wf.lca
-    return Settings(lca.rule, lca.tol, lca.max_splits, lca.precision, lca.eval_batch_size)
+    return Settings(lca.rule, lca.tol, lca.max_splits, lca.precision, lca.eval_batch_size, lca.keep,
+                    tuple(lca.keep_layers))
 
 
 @contextlib.contextmanager
@@ -146,6 +148,8 @@ def compute_lca(
     precision: str | None = None,
     eval_batch_size: int | None = None,
     threads_per_worker: int | None = None,
+    keep: str | None = None,
+    keep_layers: Sequence[str] | None = None,
     recompute: bool = False,
     block_steps: int | None = None,
     workflow: Workflow | None = None,
@@ -169,6 +173,9 @@ def compute_lca(
     A local cluster listens on loopback only; its dashboard link is printed (with `progress`) and kept in
     the summary; `dashboard_address` ("PORT", "HOST:PORT") fixes where it listens. Steps that end outside
     the tolerance even at `max_splits` give a `ToleranceWarning` with their share.
+    `keep` ("parameter", "unit" or "layer") is the finest LCA stored; per-layer sums are always stored, per-unit
+    sums unless keep="layer". `keep_layers` (globs over tensor or module names) stores per-parameter LCA for
+    the matching layers only.
     """
     import torch
     from trajectory_store import open_trajectory
@@ -197,17 +204,18 @@ def compute_lca(
     problem, settings_workflow, stored = resolve_problem(reader, workflow, model=model, data=data, loss=loss)
     # `splits` goes through the workflow schema too, so a bad split name is the same one-line error.
     settings = resolve_settings(settings_workflow, rule=rule, tol=tol, max_splits=max_splits, precision=precision,
-                                eval_batch_size=eval_batch_size, splits=list(splits) if splits else None)
+                                eval_batch_size=eval_batch_size, splits=list(splits) if splits else None,
+                                keep=keep, keep_layers=list(keep_layers) if keep_layers is not None else None)
     split_names = list(splits) if splits else list(settings_workflow.lca.splits)
     # Everything that could make L the wrong function is checked here, before anything is written.
     problem = check_problem(reader, problem, stored, split_names, settings, recompute=recompute)
 
     block = block_steps or reader.chunk_steps
-    plans = [plan_split(reader.group, s, steps=reader.num_steps, size=reader.layout.size, block=block,
-                        param_chunk=reader.param_chunk, settings=settings, recompute=recompute)
+    plans = [plan_split(reader.group, s, steps=reader.num_steps, layout=reader.layout, block=block,
+                        settings=settings, recompute=recompute)
              for s in split_names]
     for s in split_names:  # what L was, beside the results: `lca info` shows it, a resume checks it
-        reader.group[array_names(s)["lca"]].attrs["problem"] = problem.to_json()
+        result_meta(reader.group, s).attrs["problem"] = problem.to_json()
     pending = [b for p in plans for b in p.pending]
     summary = ComputeSummary(store, settings)
     t0 = time.perf_counter()

@@ -69,6 +69,17 @@ def _reader(spec: TaskSpec):
         return _READERS[(spec.store, spec.created)]
 
 
+def _reducer(spec: TaskSpec, layout: Any):
+    """The column-to-unit map of a store is built once per worker process (it is O(P) to build)."""
+    from pipeline.lca.outputs import Reducer
+
+    with _LOCK:
+        key = ("reducer", spec.store, spec.created)
+        if key not in _READERS:
+            _READERS[key] = Reducer(layout)
+        return _READERS[key]
+
+
 def get_evaluator(spec: TaskSpec, split: str):
     """The worker's cached evaluator; only what changes L (store, problem, split, precision, batch size) keys it.
 
@@ -115,7 +126,7 @@ def release(spec: TaskSpec) -> None:
 def run_block(spec: TaskSpec, split: str, index: int, start: int, stop: int, steps: int) -> dict[str, Any]:
     """Compute and write one block; returns small statistics for the client's summary."""
     from pipeline.lca.integrate import integrate_block
-    from pipeline.lca.plan import Block, write_block
+    from pipeline.lca.plan import Block, Settings, write_block
 
     t0 = time.perf_counter()
     reader = _reader(spec)
@@ -131,7 +142,9 @@ def run_block(spec: TaskSpec, split: str, index: int, start: int, stop: int, ste
     s = spec.settings
     result = integrate_block(evaluator.loss_and_grad, rows, rule=s["rule"], tol=s["tol"],
                              max_splits=s["max_splits"], points_per_pass=evaluator.points_per_pass)
-    write_block(reader.group, Block(split, index, start, stop), result, steps)
+    settings = Settings(**{**s, "keep_layers": tuple(s.get("keep_layers", ()))})
+    write_block(reader.group, Block(split, index, start, stop), result, steps, reader.layout, settings,
+                _reducer(spec, reader.layout))
     return {
         "split": split, "index": index, "steps": stop - start, "points": int(result.points.sum()),
         "seconds": time.perf_counter() - t0, "device": str(evaluator.device), "pid": os.getpid(),
