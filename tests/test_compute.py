@@ -133,7 +133,7 @@ def test_open_lca_view(reference):
     store, _ = reference
     ds = open_lca(store)
     assert dict(ds.sizes) == {"iteration": 48, "parameter": 64 * 100 + 100 + 100 * 50 + 50 + 50 * 10 + 10,
-                              "layer": 6}
+                              "layer": 6, "unit": 100 + 50 + 10}
     assert ds["lca_param"].chunks is not None  # lazy
     by_layer = ds["lca_layer"].sum("layer").values
     np.testing.assert_allclose(by_layer, ds["lca_param"].sum("parameter", dtype=np.float64).values, rtol=1e-9)
