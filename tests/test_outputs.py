@@ -15,26 +15,15 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def compute_here(store, *, block=None, recompute=False, **overrides):
-    """compute_lca's plan, run block by block in this process with one torch thread."""
-    from pipeline.config import Workflow
-    from pipeline.lca.compute import resolve_settings
-    from pipeline.lca.plan import plan_split
-    from pipeline.lca.worker import TaskSpec, run_block
+    """compute_lca run block by block in this process (executor="inline"), one torch thread."""
+    from pipeline.lca.compute import compute_lca
 
-    reader = open_trajectory(store)
-    wf = Workflow.from_dict(reader.workflow)
-    settings = resolve_settings(wf, **overrides)
-    plan = plan_split(reader.group, "train", steps=reader.num_steps, layout=reader.layout,
-                      block=block or reader.chunk_steps, settings=settings, recompute=recompute)
-    spec = TaskSpec(store=store, created=str(reader.attrs.get("created", "")), workflow=wf.to_dict(),
-                    settings=settings.to_json(), device="cpu", threads=1)
     threads = torch.get_num_threads()
     try:
-        for b in plan.pending:
-            run_block(spec, "train", b.index, b.start, b.stop, plan.steps)
+        return compute_lca(store, executor="inline", threads_per_worker=1, block_steps=block,
+                           recompute=recompute, progress=False, **overrides)
     finally:
         torch.set_num_threads(threads)
-    return plan
 
 
 def stored(store):

@@ -94,18 +94,12 @@ class _Here:
         return {"here": fn(*args)}
 
 
-def _compute_here(store: Path, wf: Any, settings: Any, spec: Any):
-    """compute_lca's plan, its blocks run here with the worker's own `run_block`; the split's statistics."""
-    from pipeline.lca.plan import plan_split, split_stats
-    from pipeline.lca.worker import run_block
-    from trajectory_store import open_trajectory
+def _compute_here(store: Path, keep: str):
+    """compute_lca with its blocks run in this process (executor="inline"); the split's statistics."""
+    from pipeline.lca.compute import compute_lca
 
-    reader = open_trajectory(str(store))
-    plan = plan_split(reader.group, "train", steps=reader.num_steps, layout=reader.layout,
-                      block=reader.chunk_steps, settings=settings, recompute=True)
-    for b in plan.pending:
-        run_block(spec, "train", b.index, b.start, b.stop, plan.steps)
-    return split_stats(reader.group, "train", settings.tol)
+    return compute_lca(str(store), executor="inline", keep=keep, threads_per_worker=1, recompute=True,
+                       progress=False).splits[0].stats
 
 
 def bench_scale_run(plan: Plan, device: torch.device, scratch: Path) -> list[dict[str, Any]]:
@@ -113,7 +107,7 @@ def bench_scale_run(plan: Plan, device: torch.device, scratch: Path) -> list[dic
     import logging
 
     from pipeline.bench.runs import run_workflow, train_store
-    from pipeline.lca.compute import compute_lca, resolve_settings
+    from pipeline.lca.compute import check_problem, compute_lca, resolve_problem, resolve_settings
     from pipeline.lca.plan import array_names
     from pipeline.lca.worker import TaskSpec
     from trajectory_store import open_trajectory
@@ -141,15 +135,18 @@ def bench_scale_run(plan: Plan, device: torch.device, scratch: Path) -> list[dic
             cluster, client = None, _Here()
         for keep in ("unit", "parameter"):
             settings = resolve_settings(wf, keep=keep)
-            spec = TaskSpec(store=str(store), created=str(reader.attrs.get("created", "")), workflow=wf.to_dict(),
-                            settings=settings.to_json(), device=device.type, threads=1)
+            problem, _, stored = resolve_problem(reader, None)
+            problem = check_problem(reader, problem, stored, ["train"], settings, recompute=True)
+            spec = TaskSpec(store=str(store), created=str(reader.attrs.get("created", "")),
+                            problem=problem.to_json(), settings=settings.to_json(), device=device.type, threads=1,
+                            module_roots=tuple(problem.module_roots()))
             base = client.run(_baseline, spec)
             t0 = time.perf_counter()
             if cluster is not None:
                 st = compute_lca(str(store), scheduler=cluster.scheduler_address, device=device.type, keep=keep,
                                  threads_per_worker=1, recompute=True, progress=False).splits[0].stats
             else:
-                st = _compute_here(store, wf, settings, spec)
+                st = _compute_here(store, keep)
             lca_s = time.perf_counter() - t0
             peak = client.run(_peak)
             above = max(peak[w] - base[w] for w in base)
