@@ -224,6 +224,29 @@ def export_tensorboard_cmd(store: str, logdir: str, histogram_every: int | None)
 
 
 @main.command()
+@click.argument("store")
+@click.option("--window", type=int, default=50, show_default=True, help="Steps to measure: the last WINDOW recorded.")
+@click.option("--interval", type=float, default=10.0, show_default=True, help="Seconds between polls.")
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="Stop after this many seconds even if the run is still recording.")
+@click.option("--max-autocorr", type=float, default=0.0, show_default=True,
+              help="Flag a layer whose motion's lag-1 autocorrelation is below this.")
+@click.option("--min-reversal", type=float, default=0.5, show_default=True,
+              help="Flag a layer whose parameters reverse direction on at least this share of steps.")
+@_user_errors
+def watch(store: str, window: int, interval: float, timeout: float, max_autocorr: float, min_reversal: float) -> None:
+    """Watch a run while it records: per-layer motion oscillation from the trajectory alone (no LCA needed),
+    flagging oscillating layers; stops when the run stops recording or after --timeout seconds."""
+    from pipeline.analysis.oscillation import watch as run_watch
+    from pipeline.errors import LCAError
+
+    if window < 3 or interval <= 0 or timeout < 0:
+        raise LCAError("--window must be at least 3, --interval positive and --timeout not negative")
+    run_watch(store, window=window, interval=interval, timeout=timeout, max_autocorr=max_autocorr,
+              min_reversal=min_reversal, echo=click.echo)
+
+
+@main.command()
 @click.option("--smoke", is_flag=True, help="Small sizes, for CI: checks the table, not the speed.")
 @click.option("--out", default="bench-out", show_default=True, help="Folder for bench.json and scratch stores.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

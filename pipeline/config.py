@@ -27,6 +27,7 @@ SPLITS = ("train", "heldout")
 PRECISIONS = ("fp32", "tf32", "fp64")
 LOSSES = ("cross-entropy", "mse", "token-cross-entropy")
 KEEPS = ("parameter", "unit", "layer")
+FREEZE_MODES = ("freeze", "prune")
 
 
 def _choice(default: Any, choices: tuple[str, ...]) -> Any:
@@ -112,6 +113,46 @@ class LCAConfig:
     keep_layers: list[str] = field(default_factory=list)
 
 
+# -- interventions (issue 12): what the paper's code changes in training, one TOML section ------------------
+# Parameters are chosen by fnmatch globs over `named_parameters()` names (`fc.*`, `stage3.*.bn?.weight`);
+# a glob that matches nothing is refused when training starts (names are known only once the model exists).
+
+
+@dataclass(frozen=True)
+class ParamGroupConfig:
+    """An optimizer group: the matched tensors get their own rate, momentum and weight decay (absent keys
+    inherit [optimizer]). The schedule scales a group's rate like the base rate. First matching group wins."""
+    params: list[str] = field(default_factory=list)
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Matched tensors (or only the `units` of them: indices along each tensor's unit axis) stop moving from
+    step `from_step` on (0: they keep their initial values). "prune" also sets them to zero at that step."""
+    params: list[str] = field(default_factory=list)
+    from_step: int = 0
+    units: list[int] = field(default_factory=list)
+    mode: str = _choice("freeze", FREEZE_MODES)
+
+
+@dataclass(frozen=True)
+class PenaltyConfig:
+    """Adds l2 * sum(theta^2) / 2 over the matched tensors to the training loss (not to L, the full-split
+    loss that LCA allocates; the recorded minibatch loss is the data loss too)."""
+    params: list[str] = field(default_factory=list)
+    l2: float = 0.0
+
+
+@dataclass(frozen=True)
+class InterventionsConfig:
+    groups: list[ParamGroupConfig] = field(default_factory=list)
+    freeze: list[FreezeConfig] = field(default_factory=list)
+    penalty: list[PenaltyConfig] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Workflow:
     name: str = "unnamed"
@@ -123,6 +164,7 @@ class Workflow:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lca: LCAConfig = field(default_factory=LCAConfig)
+    interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,6 +215,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return json.loads(json.dumps(dict(value), allow_nan=False))
         except (TypeError, ValueError) as e:
             raise WorkflowError(f"{where} must hold only JSON values (no dates, NaN or inf): {e}") from None
+    args = typing.get_args(tp)
+    if type(None) in args:  # `X | None`: absent in TOML; None only arrives from a stored workflow's JSON
+        return None if value is None else _convert(value, next(a for a in args if a is not type(None)), where)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -202,8 +247,15 @@ def _build(cls: type, raw: Any, source: str, section: str) -> Any:
     kwargs = {}
     for name, value in raw.items():
         tp, where = hints[name], f"{source}: {section + '.' if section else ''}{name}"
+        path = f"{section}.{name}" if section else name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, source, name)
+            kwargs[name] = _build(tp, value, source, path)
+            continue
+        item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item_tp is not None and dataclasses.is_dataclass(item_tp):  # an array of tables: [[a.b]]
+            if not isinstance(value, list):
+                raise WorkflowError(f"{where} must be an array of tables ([[{path}]]), got {value!r}")
+            kwargs[name] = [_build(item_tp, v, source, f"{path}[{i}]") for i, v in enumerate(value)]
             continue
         value = _convert(value, tp, where)
         choices = fields[name].metadata.get("choices")
@@ -271,3 +323,33 @@ def _check_semantics(wf: Workflow, source: str) -> None:
                 bad(str(e))
     if wf.model.arch == "fc" and any(h < 1 for h in wf.model.hidden):
         bad(f"model.hidden widths must be positive, got {wf.model.hidden}")
+    _check_interventions(wf, bad)
+
+
+def _check_interventions(wf: Workflow, bad: Any) -> None:
+    """What can be checked without the model; globs are matched against its parameters in
+    `pipeline.train.interventions.resolve`, before the store is created."""
+    iv = wf.interventions
+    for kind, items in (("groups", iv.groups), ("freeze", iv.freeze), ("penalty", iv.penalty)):
+        for i, item in enumerate(items):
+            where = f"interventions.{kind}[{i}]"
+            if not item.params or any(not g for g in item.params):
+                bad(f"{where}.params must list at least one parameter-name glob, e.g. params = [\"fc.*\"]")
+    for i, g in enumerate(iv.groups):
+        for key in ("lr", "momentum", "weight_decay"):
+            v = getattr(g, key)
+            if v is not None and not v >= 0:
+                bad(f"interventions.groups[{i}].{key} must not be negative, got {v}")
+        if g.momentum is not None and not g.momentum < 1:
+            bad(f"interventions.groups[{i}].momentum must be below 1, got {g.momentum}")
+    for i, f in enumerate(iv.freeze):
+        if f.from_step < 0:
+            bad(f"interventions.freeze[{i}].from_step must not be negative, got {f.from_step}")
+        if wf.train.steps > 0 and f.from_step >= wf.train.steps:
+            bad(f"interventions.freeze[{i}].from_step = {f.from_step} is beyond the run's {wf.train.steps} "
+                f"steps (0..{wf.train.steps - 1}); lower it")
+        if any(u < 0 for u in f.units):
+            bad(f"interventions.freeze[{i}].units must be unit indices >= 0, got {f.units}")
+    for i, p in enumerate(iv.penalty):
+        if not p.l2 >= 0:
+            bad(f"interventions.penalty[{i}].l2 must not be negative, got {p.l2}")

@@ -791,6 +791,16 @@ class LCAAccessor:
                             attrs={"layer": name, "iteration": "all (sum)" if iteration is None else int(iteration),
                                    "split": split})
 
+    # -- oscillation and phase lag (pipeline/analysis/oscillation.py) ------------------------------------------
+
+    def oscillation(self, split: str = "train", units: bool = True, store: str | None = None) -> Any:
+        """Per layer and per unit: LCA sign-flip rate, lag-1 autocorrelation of the motion, and the phase lag
+        between motion and gradient (the paper's explanation of hurting layers). Reads the trajectory of
+        `store` (default: the store the dataset came from); see `pipeline.analysis.oscillation`."""
+        from pipeline.analysis.oscillation import oscillation
+
+        return oscillation(self._ds, split, units=units, store=store)
+
     # -- train vs held-out ----------------------------------------------------------------------------------
 
     def heldout_comparison(self, by: str = "layer") -> xr.Dataset:

@@ -203,6 +203,9 @@ def describe(path: str) -> str:
         lines.append(f"frozen      {sum(v.size for v in frozen.values()):,} parameters in {len(frozen)} tensors "
                      f"(requires_grad=False: held fixed, outside the layout, no LCA): "
                      + ", ".join(list(frozen)[:4]) + (" ..." if len(frozen) > 4 else ""))
+    from pipeline.train.interventions import describe as describe_interventions
+
+    lines += describe_interventions(reader.attrs.get("interventions"))
     root = reader.group
     splits = computed_splits(root)
     lines.extend(_problem_lines(reader, root, splits))

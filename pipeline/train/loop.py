@@ -29,6 +29,7 @@ from pipeline.problem.data import dataset_spec, resolve_data_config, split_size
 from pipeline.problem.definition import Problem, check_loss_value
 from pipeline.problem.models import count_parameters, model_spec
 from pipeline.problem.splits import Split
+from pipeline.train.interventions import Plan, resolve
 
 
 @dataclass(frozen=True)
@@ -146,12 +147,18 @@ def train(workflow: Workflow, store: str, *, overwrite: bool = False, progress: 
         }
         data = data.to(device)
         batches = minibatches(len(data), batch_size, torch.Generator().manual_seed(workflow.seed))
-        optimizer = make_optimizer(workflow.optimizer, [p for p in model.parameters() if p.requires_grad])
+        plan = resolve(workflow, model, steps)  # before the store exists: a bad glob writes nothing
+        plan.prepare()
+        optimizer = plan.optimizer()
         with TrajectoryWriter.create(store, model, steps=steps, batch_size=batch_size, attrs=attrs,
                                      overwrite=overwrite, chunk_steps=workflow.train.chunk_steps) as writer, \
                 _cpu_threads(model, device):
-            loss_value = _run_steps(workflow, model, optimizer, writer, data, problem.build_loss(), batches,
-                                    steps, progress)
+            try:
+                loss_value = _run_steps(workflow, model, optimizer, writer, data, problem.build_loss(), batches,
+                                        steps, progress, plan)
+            finally:
+                if plan.active:
+                    writer.group.attrs["interventions"] = plan.record()
             writer.flush()
     return TrainResult(store=store, workflow=workflow.name, steps=steps, num_parameters=count_parameters(model),
                        final_loss=loss_value, seconds=time.perf_counter() - start, device=str(device))
@@ -199,8 +206,10 @@ def _cpu_threads(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 def _run_steps(workflow: Workflow, model: nn.Module, optimizer: torch.optim.Optimizer, writer: TrajectoryWriter,
                data: Split, loss_fn: Callable[..., Any], batches: Iterator[torch.Tensor], steps: int,
-               progress: bool) -> float:
-    """The loop itself; returns the last minibatch loss (the problem's loss: summed loss / count)."""
+               progress: bool, plan: Plan | None = None) -> float:
+    """The loop itself; returns the last minibatch loss (the problem's loss: summed loss / count).
+    `plan`: the resolved interventions (none by default)."""
+    plan = plan or resolve(workflow, model, steps)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=steps, unit="step", desc=workflow.name, leave=False,
@@ -210,8 +219,10 @@ def _run_steps(workflow: Workflow, model: nn.Module, optimizer: torch.optim.Opti
         for t in range(steps):
             lr = learning_rate(workflow.optimizer, workflow.schedule, t, steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             idx = next(batches)
+            before = plan.snapshot()  # theta_t as recorded, to count what moved
+            plan.before_step(t)       # freezes (and prunes) that start at this step
             xb, yb = data.take(idx)
             value = loss_fn(model(**xb) if isinstance(xb, dict) else model(xb), yb)
             if t == 0:
@@ -220,9 +231,11 @@ def _run_steps(workflow: Workflow, model: nn.Module, optimizer: torch.optim.Opti
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 _diverged(writer, t, f"loss is {loss_value}", workflow.optimizer.lr)
+            penalty = plan.penalty()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if penalty is None else loss + penalty).backward()
             optimizer.step()
+            plan.after_step(t, before)
             if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
                 _diverged(writer, t, "parameters are not finite after the update", workflow.optimizer.lr)
             writer.record(model, loss=loss_value, lr=lr, batch_indices=idx.numpy())
