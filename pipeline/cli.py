@@ -247,6 +247,48 @@ def watch(store: str, window: int, interval: float, timeout: float, max_autocorr
 
 
 @main.command()
+@click.argument("store")
+@click.option("--out", required=True, help="Store for the retrained run (path or fsspec URL).")
+@click.option("--select", type=click.Choice(["hurting", "negligible"]), default="hurting", show_default=True,
+              help="Units whose total LCA is most positive, or closest to zero.")
+@click.option("--top", type=int, default=10, show_default=True, help="How many units.")
+@click.option("--modules", multiple=True, help="Choose units only in modules matching this glob (repeatable).")
+@click.option("--layers", multiple=True,
+              help="Freeze whole tensors matching this glob instead of ranked units (repeatable).")
+@click.option("--mode", type=click.Choice(["freeze", "prune"]), default="freeze", show_default=True)
+@click.option("--from-step", type=int, default=0, show_default=True, help="Step from which they stop moving.")
+@click.option("--workflow-out", default=None, help="Also write the derived workflow TOML here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out store.")
+@click.option("--compute/--no-compute", default=False, help="Compute LCA of the retrained run too.")
+@click.option("--workers", type=int, default=None, help="Workers for --compute.")
+@_user_errors
+def guide(store: str, out: str, select: str, top: int, modules: tuple[str, ...], layers: tuple[str, ...], mode: str,
+          from_step: int, workflow_out: str | None, overwrite: bool, compute: bool, workers: int | None) -> None:
+    """Freeze or prune the units STORE's LCA ranks (or whole --layers) and retrain STORE's workflow from the
+    same seed and minibatch order into --out; compare the two with `lca compare STORE OUT`."""
+    from pipeline.analysis.guide import guide as run_guide
+
+    res = run_guide(store, out, select=select, top=top, modules=list(modules), layers=list(layers), mode=mode,
+                    from_step=from_step, workflow_out=workflow_out, overwrite=overwrite)
+    click.echo(f"{mode} {res['chosen']}")
+    click.echo(str(res["train"]))
+    if compute:
+        _compute(out, workers=workers)
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--label", "labels", multiple=True, help="A name per store, in order (repeatable).")
+@click.option("--out", required=True, help="Folder for comparison.png, comparison.md and comparison.json.")
+@_user_errors
+def compare(stores: tuple[str, ...], labels: tuple[str, ...], out: str) -> None:
+    """Runs side by side: loss curves, LCA per layer, hurting layers and oscillation score."""
+    from pipeline.analysis.compare import compare_runs
+
+    compare_runs(list(stores), out, list(labels) or None)
+
+
+@main.command()
 @click.option("--smoke", is_flag=True, help="Small sizes, for CI: checks the table, not the speed.")
 @click.option("--out", default="bench-out", show_default=True, help="Folder for bench.json and scratch stores.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

@@ -98,23 +98,6 @@ def test_contiguous_steps() -> None:
     assert _contiguous(np.array([], dtype=int)) == slice(0, 0)
 
 
-def test_accessor_on_a_computed_store(store_copy) -> None:
-    """ds.lca.oscillation() reads the trajectory the dataset came from; the per-layer LCA series it sums
-    agrees with the dataset's own layer sums, and the score is a rate."""
-    import pipeline
-    from pipeline.lca.compute import compute_lca
-
-    store = store_copy()
-    compute_lca(store, workers=1, threads_per_worker=1)
-    ds = pipeline.open_lca(store)
-    res = ds.lca.oscillation()
-    assert res.iterations == ds.sizes["iteration"] and 0 <= res.score <= 1
-    by_layer = "lca_layer" if "lca_layer" in ds else "lca_by_layer"
-    np.testing.assert_allclose(res.layers["total_lca"].values, ds[by_layer].sum("iteration").values, rtol=1e-9)
-    assert res.units is not None and res.units.sizes["unit"] == 100 + 50 + 10
-    assert set(res.to_dict()["layers"]) >= {"lca_flip_rate", "motion_autocorr", "phase_lag", "lag_steps"}
-
-
 def test_watch_cli_is_bounded_and_flags(digits_store) -> None:
     from click.testing import CliRunner
 
