@@ -119,15 +119,13 @@ def _finite(x: Any) -> Any:
 
 
 def _plot(path: Path, runs: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure  # object API: no pyplot state, no backend switch
 
     layers = list(runs[0]["layer_totals"])
-    fig, (ax_loss, ax_lca) = plt.subplots(1, 2, figsize=(13, max(4.5, 0.16 * len(layers) + 1.5)),
-                                          gridspec_kw={"width_ratios": [1, 1.2]})
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(13, max(4.5, 0.16 * len(layers) + 1.5)), layout="constrained")
+    ax_loss, ax_lca = fig.subplots(1, 2, width_ratios=[1, 1.2])
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for i, r in enumerate(runs):
         c = colors[i % len(colors)]
         ax_loss.plot(np.arange(len(r["minibatch_loss"])), r["minibatch_loss"], color=c, alpha=0.25, lw=0.8)
@@ -153,6 +151,4 @@ def _plot(path: Path, runs: list[dict[str, Any]]) -> None:
     ax_lca.set_xlabel("total LCA per layer (< 0 helped, > 0 hurt)")
     ax_lca.legend(fontsize=8, loc="lower left")
     ax_lca.set_title("LCA per layer")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

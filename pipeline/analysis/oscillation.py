@@ -375,3 +375,53 @@ def format_watch(stats: "xr.Dataset", flagged: list[str], steps: int) -> str:
         lines.append(f"  {str(n):<{width}}  {float(stats['motion_autocorr'][i]):8.3f}  "
                      f"{float(stats['motion_reversal_rate'][i]):9.3f}  {float(stats['path_efficiency'][i]):10.3f}{mark}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the report's figure
+
+
+def report_oscillation(ds: "xr.Dataset", out: Any, name: str = "oscillation.png") -> dict[str, Any] | None:
+    """For `lca report`: the oscillation summary, and its figure written to out/name. None (and no figure)
+    when the dataset's trajectory cannot be read: a dataset built in memory, or a store moved away."""
+    from pathlib import Path
+
+    from trajectory_store import StoreError
+
+    from pipeline.errors import LCAError
+
+    try:
+        res = oscillation(ds, units=False)
+    except (LCAError, StoreError):
+        return None
+    plot_oscillation(res, Path(out) / name)
+    return res.to_dict() | {"figure": name}
+
+
+def plot_oscillation(res: OscillationResult, path: Any) -> None:
+    """Per layer: LCA sign-flip rate, lag-1 autocorrelation of the motion, phase lag of motion behind the
+    gradient (in steps), and the layer's total LCA for reference (hurting layers in red)."""
+    from matplotlib.figure import Figure  # object API: no pyplot state, no backend switch
+
+    ly = res.layers
+    names = [str(n) for n in ly["layer"].values]
+    y = np.arange(len(names))
+    total = ly["total_lca"].values
+    colors = np.where(total > 0, "#d73027", "#1a9850")
+    panels = [("lca_flip_rate", "LCA sign flips per step"), ("motion_autocorr", "lag-1 autocorrelation of motion"),
+              ("lag_steps", "motion behind gradient (steps)"), ("total_lca", "total LCA (> 0 hurt)")]
+    fig = Figure(figsize=(14, max(3.5, 0.16 * len(names) + 1.5)), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True)
+    for ax, (key, title) in zip(axes, panels):
+        ax.barh(y, ly[key].values, color=colors)
+        ax.axvline(0, color="k", lw=0.6)
+        ax.set_title(title, fontsize=9)
+        if key == "total_lca":
+            lim = float(np.nanmax(np.abs(total))) if np.isfinite(total).any() else 1.0
+            ax.set_xscale("symlog", linthresh=max(lim * 1e-3, 1e-12))
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(names, fontsize=6 if len(names) > 20 else 8)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"oscillation over steps {res.first_iteration}..{res.first_iteration + res.iterations - 1}: "
+                 f"score {res.score:.3f} (share of consecutive steps a parameter's LCA flips sign)", fontsize=10)
+    fig.savefig(path, dpi=110)

@@ -140,6 +140,11 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
     if scan["unit_lca"] is not None:
         _plot_units(out / FIGURES["units"], ds, scan["unit_lca"], style)
     _plot_sync(out / FIGURES["sync"], acc.peaks("train", "module", quantile), sync, style)
+    from pipeline.analysis.oscillation import report_oscillation
+
+    summary["oscillation"] = report_oscillation(ds, out)  # oscillation.png; None without a trajectory
+    if summary["oscillation"]:
+        summary["figures"].append(summary["oscillation"]["figure"])
     summary = _jsonable(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     write_html(out, summary, format_summary(summary), problem=_problem(ds), workflow=_workflow(ds),
