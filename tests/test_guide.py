@@ -25,7 +25,7 @@ def computed(digits_store, tmp_path_factory) -> str:
     return str(dest)
 
 
-def test_oscillation_accessor_on_a_computed_store(computed) -> None:
+def test_oscillation_accessor_on_a_computed_store(computed, tmp_path: Path) -> None:
     """ds.lca.oscillation() reads the trajectory the dataset came from; the per-layer LCA series it sums
     agrees with the dataset's own layer sums, and the score is a rate."""
     import pipeline
@@ -38,6 +38,11 @@ def test_oscillation_accessor_on_a_computed_store(computed) -> None:
     assert res.units is not None and res.units.sizes["unit"] == 100 + 50 + 10
     d = res.to_dict()
     assert set(d["layers"]) >= {"lca_flip_rate", "param_flip_rate", "motion_autocorr", "phase_lag", "lag_steps"}
+    from pipeline.analysis.oscillation import report_oscillation  # what `lca report` adds
+
+    summary = report_oscillation(ds, tmp_path)
+    assert summary["score"] == res.score and (tmp_path / "oscillation.png").stat().st_size > 10_000
+    assert report_oscillation(ds.assign_attrs(store="/nonexistent.zarr"), tmp_path / "none") is None
     # a subset of iterations: the longest contiguous run of them is used
     sub = ds.isel(iteration=[0, 1, 2, 3, 10, 11, 12, 13, 14, 15])
     assert sub.lca.oscillation(units=False).first_iteration == 10
