@@ -110,3 +110,25 @@ def test_watch_cli_is_bounded_and_flags(digits_store) -> None:
     assert "autocorr" in res.output
     bad = CliRunner().invoke(main, ["watch", "/nonexistent/store.zarr", "--timeout", "1"])
     assert bad.exit_code == 1 and bad.output.startswith("error: ") and len(bad.output.strip().splitlines()) == 1
+
+
+def test_watch_reads_a_run_that_is_still_recording(tmp_path) -> None:
+    """The writer is still open: watch sees the committed steps, flags the zig-zagging layer, and gives up
+    after its timeout instead of waiting for the run to end."""
+    import torch
+
+    from pipeline.analysis.oscillation import watch
+    from trajectory_store import TrajectoryWriter
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    lines: list[str] = []
+    with TrajectoryWriter.create(str(tmp_path / "live.zarr"), model, chunk_steps=4) as w:
+        for t in range(12):
+            with torch.no_grad():
+                model[0].weight += 0.01                      # steady drift
+                model[1].weight += 0.01 * (-1) ** t           # back and forth
+            w.record(model, loss=1.0, lr=0.1)
+        w.flush()
+        flagged = watch(str(tmp_path / "live.zarr"), window=10, interval=0.05, timeout=0.2, echo=lines.append)
+    assert flagged == ["1.weight"]
+    assert lines and "of 12 (recording)" in lines[-1] and "1.weight" in lines[-1].split("oscillating layer(s):")[1]
