@@ -36,6 +36,8 @@ def test_oscillation_accessor_on_a_computed_store(computed, tmp_path: Path) -> N
     by_layer = "lca_layer" if "lca_layer" in ds else "lca_by_layer"
     np.testing.assert_allclose(res.layers["total_lca"].values, ds[by_layer].sum("iteration").values, rtol=1e-9)
     assert res.units is not None and res.units.sizes["unit"] == 100 + 50 + 10
+    w = 2 * np.pi / res.layers["period_steps"].values      # digits-fc trains with momentum 0.9
+    np.testing.assert_allclose(res.layers["momentum_lag"].values, np.arctan2(0.9 * np.sin(w), 1 - 0.9 * np.cos(w)))
     d = res.to_dict()
     assert set(d["layers"]) >= {"lca_flip_rate", "param_flip_rate", "motion_autocorr", "phase_lag", "lag_steps"}
     from pipeline.analysis.oscillation import report_oscillation  # what `lca report` adds

@@ -14,7 +14,9 @@ Per group of parameters (each layer, each unit) from the trajectory and the LCA:
   where the gradient oscillates most (largest pooled power |G(f)|^2, f > 0), from the pooled
   cross-spectrum sum_i M_i(f) conj(G_i(f)); `lag_steps` = phase / (2 pi f / T), `period_steps` = T / f,
   `coherence` = |sum M conj G| / sqrt(sum |M|^2 sum |G|^2) at that frequency (1: every parameter
-  agrees). Positive: the motion comes after the gradient, as momentum predicts.
+  agrees). Positive: the motion comes after the gradient, as momentum predicts. `momentum_lag` (SGD with
+  momentum mu only) is the lag the momentum filter alone would give at that frequency,
+  arg 1 / (1 - mu e^{-i w}): a measured lag near it means momentum explains the lag.
 
 The gradient: g_{t,i} = LCA_{t,i} / Delta_{t,i}. This is exact, not an estimate: LCA is Delta times the
 full-split gradient averaged along the straight path from theta_t to theta_{t+1}, so the quotient is that
@@ -279,7 +281,24 @@ def oscillation(ds: "xr.Dataset", split: str = "train", units: bool = True,
                              coords={"unit": np.arange(len(unit_module)),
                                      "unit_module": ("unit", list(unit_module)),
                                      "unit_index": ("unit", list(unit_index))})
+    mom = _momentum_per_layer(reader, layout)
+    if mom is not None and "period_steps" in layers:
+        # The lag a heavy-ball momentum filter v_t = g_t + mu v_{t-1} puts between a sinusoidal gradient and
+        # the motion at the same frequency: arg 1 / (1 - mu e^{-i w}). Measured lag near it: momentum explains it.
+        w = 2 * np.pi / layers["period_steps"].values
+        layers["momentum_lag"] = ("layer", np.arctan2(mom * np.sin(w), 1 - mom * np.cos(w)))
     return OscillationResult(layers, unit_ds, _pooled_flip(ly), rows.stop - rows.start, rows.start)
+
+
+def _momentum_per_layer(reader: Any, layout: Any) -> np.ndarray | None:
+    """Each tensor's heavy-ball momentum from the stored workflow and interventions; None if not SGD-momentum."""
+    wf = reader.workflow or {}
+    opt = wf.get("optimizer", {})
+    if opt.get("name") != "momentum" or opt.get("nesterov"):
+        return None
+    per = (reader.attrs.get("interventions") or {}).get("tensors", {})
+    return np.array([float(per.get(t.name, {}).get("momentum", opt.get("momentum", 0.0)) or 0.0)
+                     for t in layout.tensors])
 
 
 def _pooled_flip(ly: dict[str, np.ndarray]) -> float:
