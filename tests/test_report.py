@@ -19,7 +19,7 @@ LAYERS = [("fc1.weight", "fc1", (16, 10)), ("fc1.bias", "fc1", (16,)),
 KEYS = {"store", "rule", "tol", "steps", "steps_total", "parameters", "layers", "modules", "helped_fraction",
         "distribution", "layer_totals", "hurting_layers", "module_totals", "hurting_modules", "units",
         "synchronisation", "residual", "reconstruction", "points", "heldout", "figures", "run", "settings",
-        "figure_files", "parameters_kept", "missing"}
+        "figure_files", "parameters_kept", "missing", "oscillation"}
 
 
 def training_like(t: int = 150, seed: int = 0, heldout: bool = False, **kw):
@@ -128,6 +128,8 @@ def test_lca_report_on_a_real_computed_run(digits_store, tmp_path) -> None:
     assert 0.5 < summary["helped_fraction"]["mean"] < 1.0  # early training: most moving parameters help
     for name in FIGURES:
         _non_blank(out / FIGURES[name])
+    assert 0 <= summary["oscillation"]["score"] <= 1 and "oscillation.png" in summary["figures"]
+    _non_blank(out / "oscillation.png")
     assert "helped" in result.stdout.lower()
 
 
