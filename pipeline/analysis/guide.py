@@ -42,7 +42,8 @@ def rank_units(ds: "xr.Dataset", split: str = "train") -> "xr.Dataset":
 
 def select_units(ranking: "xr.Dataset", select: str, top: int, modules: list[str] | None = None) -> "xr.Dataset":
     """The `top` units of a ranking: "hurting" (largest positive totals; fewer if fewer hurt) or
-    "negligible" (smallest |total|), optionally only among modules matching the `modules` globs."""
+    "negligible" (smallest non-zero |total|: units that moved but contributed least), optionally only among
+    modules matching the `modules` globs."""
     if select not in SELECTIONS:
         raise LCAError(f"--select must be one of {', '.join(SELECTIONS)}, not {select!r}")
     if top < 1:
@@ -60,7 +61,10 @@ def select_units(ranking: "xr.Dataset", select: str, top: int, modules: list[str
         if r.sizes["unit"] == 0:
             raise LCAError("no unit hurts in total (every unit's summed LCA is <= 0); use --select negligible")
         return r
-    return r.isel(unit=np.argsort(r["rank_negligible"].values, kind="stable")[:top])
+    # a unit whose total is exactly 0 never moved (a dead ReLU): freezing it would change nothing
+    moving = np.flatnonzero(r["total_lca"].values != 0)
+    order = moving[np.argsort(r["rank_negligible"].values[moving], kind="stable")]
+    return r.isel(unit=order[:top])
 
 
 def freeze_rules(selection: "xr.Dataset", layout: Any, mode: str = "freeze", from_step: int = 0) -> list[dict]:
