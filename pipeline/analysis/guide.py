@@ -115,6 +115,8 @@ def _toml(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (factory kwargs)
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(x)}" for k, x in v.items() if x is not None) + "}"
     raise LCAError(f"cannot write {v!r} to TOML")
 
 
