@@ -15,7 +15,19 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.errors import USER_ERRORS
+from pipeline.errors import USER_ERRORS, Interrupted
+
+
+RESUME_LCA = "interrupted: finished blocks are kept; run the same command again to resume"
+RESUME_RUN = ("interrupted: what was recorded and computed is kept; run the same command again to continue")
+RESUME_TRAIN = ("interrupted: the steps recorded so far and the last saved training state are kept; run the "
+                "same command again to continue")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "not enough memory" in text or "out of memory" in text))
 
 
 def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
@@ -24,21 +36,39 @@ def _show_warning(message: Any, category: type, filename: str, lineno: int, file
     click.echo(f"warning: {message}", err=True)
 
 
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _user_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = RESUME_LCA) -> Any:
+    """One line and exit 1 for a user error; one line and exit 130 for Ctrl-C (never a traceback)."""
+    if fn is None:
+        return functools.partial(_user_errors, interrupted=interrupted)
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
                 return fn(*args, **kwargs)
+        except Interrupted as e:
+            click.echo(f"interrupted: {e}", err=True)
+            sys.exit(130)
         except USER_ERRORS as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished blocks are kept; run the same command again to resume", err=True)
+            click.echo(interrupted, err=True)
             sys.exit(130)
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            click.echo(f"error: out of memory ({type(e).__name__}: {_one_line(e)[:160]}); lower the sizes in the "
+                       "workflow (model.hidden, data.synthetic_*, train.batch_size, lca.eval_batch_size)", err=True)
+            sys.exit(1)
 
     return wrapper
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _default_store(workflow: str) -> str:
@@ -79,9 +109,9 @@ def data(name: str, dest: str) -> None:
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--store", default=None, help="Store path or fsspec URL [default: runs/<workflow>.zarr].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-@_user_errors
+@_user_errors(interrupted=RESUME_TRAIN)
 def train(workflow: str, store: str | None, overwrite: bool) -> None:
-    """Train WORKFLOW and record its trajectory to a Zarr store."""
+    """Train WORKFLOW and record its trajectory to a Zarr store; rerunning continues an interrupted run."""
     from pipeline.config import load_workflow
     from pipeline.train import train as run_train
 
@@ -112,6 +142,8 @@ def _compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--recompute", is_flag=True, help="Recompute blocks already done."),
         click.option("--inline", "executor", flag_value="inline", default="dask",
                      help="Run every block in this process: no Dask cluster, the same numbers."),
+        click.option("--partial", is_flag=True,
+                     help="Allow LCA over an interrupted or still-recording trajectory (its recorded steps only)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -152,21 +184,22 @@ def compute(store: str, workflow_file: str | None, **kw: Any) -> None:
 @main.command()
 @click.argument("workflow", type=click.Path(dir_okay=False))
 @click.option("--store", default=None, help="Store path or URL [default: runs/<workflow>.zarr].")
+@click.option("--overwrite", is_flag=True, help="Retrain: replace the store, e.g. after editing the workflow.")
 @_compute_options
-@_user_errors
-def run(workflow: str, store: str | None, **kw: Any) -> None:
-    """Train WORKFLOW if its store does not exist yet, then compute LCA (what `make lca` runs)."""
-    from pipeline.config import load_workflow
-    from trajectory_store import store_exists
+@_user_errors(interrupted=RESUME_RUN)
+def run(workflow: str, store: str | None, overwrite: bool, **kw: Any) -> None:
+    """Train WORKFLOW (or continue its interrupted training), then compute LCA (what `make lca` runs).
 
-    from pipeline.train import train as run_train
+    A workflow edited since the store was trained is refused, naming the keys that differ: pass --recompute
+    when only its [lca] settings changed, --overwrite to retrain.
+    """
+    from pipeline.config import load_workflow
+    from pipeline.run import prepare_run
 
     store = store or _default_store(workflow)
     wf = load_workflow(workflow)
-    if not store_exists(store):
-        click.echo(str(run_train(wf, store)))
-    else:
-        click.echo(f"using the trajectory already in {store} (delete it or `lca train --overwrite` to retrain)")
+    click.echo(prepare_run(wf, store, source=workflow, overwrite=overwrite, recompute=kw["recompute"],
+                           partial=kw["partial"]))
     _compute(store, **kw)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -147,9 +148,15 @@ def load_workflow(path: str | Path) -> Workflow:
         hint = f"; known workflows: {', '.join('workflows/' + k for k in known)}" if known else ""
         raise WorkflowError(f"workflow file {str(p)!r} does not exist{hint}")
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise WorkflowError(f"{p}: not valid TOML ({e}); fix the syntax at that line") from None
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[:e.start].count(b"\n") + 1
+        raise WorkflowError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} on line {line}); TOML files "
+                            f"must be UTF-8: re-save it as UTF-8") from None
+    except OSError as e:
+        raise WorkflowError(f"cannot read workflow file {str(p)!r}: {(e.strerror or str(e)).lower()}") from None
     raw.setdefault("name", p.stem)
     return Workflow.from_dict(raw, str(p))
 
@@ -180,7 +187,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     )
     if not ok:
         raise WorkflowError(f"{where} must be {_type_name(tp)}, got {value!r}")
-    return float(value) if tp is float else value
+    if tp is float:
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise WorkflowError(f"{where} must be a finite number, got {value!r}") from None
+        if not math.isfinite(value):
+            raise WorkflowError(f"{where} must be a finite number, got {value!r}")
+    return value
 
 
 def _build(cls: type, raw: Any, source: str, section: str) -> Any:
@@ -243,6 +257,23 @@ def _check_semantics(wf: Workflow, source: str) -> None:
         bad(f"train.chunk_steps must be at least 1, got {t.chunk_steps}")
     if not opt.lr > 0:
         bad(f"optimizer.lr must be positive, got {opt.lr}")
+    if not 0 <= opt.momentum < 1:
+        bad(f"optimizer.momentum must be in [0, 1), got {opt.momentum}")
+    if opt.nesterov and not (opt.name == "momentum" and opt.momentum > 0):
+        bad("optimizer.nesterov needs optimizer.name = \"momentum\" and momentum > 0")
+    if opt.weight_decay < 0:
+        bad(f"optimizer.weight_decay must not be negative, got {opt.weight_decay}")
+    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+        bad(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {opt.betas}")
+    sched = wf.schedule
+    if sched.step_size < 1:
+        bad(f"schedule.step_size must be at least 1 step, got {sched.step_size}")
+    if not sched.gamma > 0:
+        bad(f"schedule.gamma must be positive (the rate is multiplied by it), got {sched.gamma}")
+    if sched.min_lr < 0:
+        bad(f"schedule.min_lr must not be negative, got {sched.min_lr}")
+    if not 0 <= wf.seed < 2**63:
+        bad(f"seed must be in [0, 2**63), got {wf.seed}")
     if wf.data.train_samples < 0:
         bad(f"data.train_samples must be 0 (all) or positive, got {wf.data.train_samples}")
     if lca.max_splits not in (2, 4, 8, 16, 32):
@@ -263,5 +294,36 @@ def _check_semantics(wf: Workflow, source: str) -> None:
                 check_ref(ref, f"{section}.factory")
             except ProblemError as e:
                 bad(str(e))
+    if len(set(lca.splits)) != len(lca.splits):
+        bad(f"lca.splits names a split twice: {lca.splits!r}; list each once")
     if wf.model.arch == "fc" and any(h < 1 for h in wf.model.hidden):
         bad(f"model.hidden widths must be positive, got {wf.model.hidden}")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def workflow_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two workflow dicts: {key: (stored value, current value)}.
+
+    Both are normalised through the schema first, so a key left at its default and the same key spelled out
+    compare equal. `name` is a label, not a setting, and is ignored.
+    """
+    a = _flatten(Workflow.from_dict(stored, "the stored workflow").to_dict())
+    b = _flatten(Workflow.from_dict(current, "the workflow").to_dict())
+    keys = sorted((set(a) | set(b)) - {"name"})
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
+
+
+def describe_differences(diffs: Mapping[str, tuple[Any, Any]], limit: int = 4) -> str:
+    """'optimizer.lr (0.02 stored, 0.05 now), train.steps (300 stored, 600 now)' for a one-line message."""
+    parts = [f"{k} ({old!r} stored, {new!r} now)" for k, (old, new) in list(diffs.items())[:limit]]
+    more = len(diffs) - limit
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")

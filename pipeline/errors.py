@@ -37,6 +37,8 @@ class ShortRunWarning(UserWarning):
 
 class ToleranceWarning(UserWarning):
     """Compute finished but a share of steps did not reach the residual tolerance even at max_splits."""
+class Interrupted(LCAError):
+    """The user stopped a run (Ctrl-C); the message says what was kept and how to continue. Exit status 130."""
 
 
 USER_ERRORS = (LCAError, StoreError)

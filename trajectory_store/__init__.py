@@ -9,6 +9,7 @@ from .errors import StoreError
 from .layout import ParamLayout, TensorSpec
 from .location import store_exists
 from .reader import TrajectoryReader, open_trajectory
+from .state import TrainingState
 from .writer import FORMAT_VERSION, TrajectoryWriter
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "ParamLayout",
     "StoreError",
     "TensorSpec",
+    "TrainingState",
     "TrajectoryReader",
     "TrajectoryWriter",
     "open_trajectory",

@@ -7,8 +7,11 @@ that count, and every failure is a StoreError that names the store.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any
+import os
+import socket
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
@@ -16,6 +19,7 @@ import zarr
 from .errors import StoreError
 from .layout import FROZEN_GROUP, ParamLayout
 from .location import StorePathLike, describe_oserror, has_metadata, locate
+from .state import TrainingState, read_state
 from .writer import FORMAT_VERSION
 
 
@@ -26,9 +30,10 @@ class TrajectoryReader:
         # Use `open_trajectory`; this trusts that `group` was validated there.
         self._group = group
         self._path = path
-        self._traj = group["trajectory"]
-        self._params = self._traj["params"]
-        self._layout = ParamLayout.from_json(group.attrs["layout"])
+        with damaged_metadata(path):
+            self._traj = group["trajectory"]
+            self._params = self._traj["params"]
+        self._layout = _layout(group.attrs.get("layout"), path)
         self._checkpoints = _checkpoints(self._traj, path)
         self._check_shapes()
 
@@ -42,8 +47,9 @@ class TrajectoryReader:
 
     def refresh(self) -> None:
         """Re-read the commit count, to follow a store that is still being written."""
-        self._traj = self._group["trajectory"]  # a lookup reads the metadata from the store again
-        self._params = self._traj["params"]
+        with damaged_metadata(self._path):
+            self._traj = self._group["trajectory"]  # a lookup reads the metadata from the store again
+            self._params = self._traj["params"]
         self._checkpoints = _checkpoints(self._traj, self._path)
         self._check_shapes()
 
@@ -92,6 +98,47 @@ class TrajectoryReader:
     def status(self) -> str:
         """'complete', 'interrupted' (an exception ended the recording) or 'recording' (still open, or killed)."""
         return str(self._traj.attrs.get("status", "recording"))
+
+    @property
+    def planned_steps(self) -> int | None:
+        """The steps the run was meant to take, when the writer was told (None for open-ended loops)."""
+        n = self._traj.attrs.get("planned_steps")
+        return int(n) if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+
+    @property
+    def stopped(self) -> str | None:
+        """Why an interrupted recording stopped (one line), when it was recorded."""
+        why = self._traj.attrs.get("stopped")
+        return str(why) if why else None
+
+    @property
+    def writer_alive(self) -> bool | None:
+        """For a store still marked "recording": is its writer process alive? None when it cannot be told
+        (another host, or no record of the writer)."""
+        info = self._traj.attrs.get("writer")
+        if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+            return None
+        if info.get("host") != socket.gethostname():
+            return None
+        pid = info["pid"]
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    @property
+    def writer_info(self) -> dict[str, Any]:
+        info = self._traj.attrs.get("writer")
+        return dict(info) if isinstance(info, dict) else {}
+
+    def training_state(self) -> TrainingState | None:
+        """The last training state the writer stored (to continue the run), or None."""
+        return read_state(self._group, self._traj, self._path)
 
     @property
     def num_checkpoints(self) -> int:
@@ -153,16 +200,71 @@ class TrajectoryReader:
             raise StoreError(f"{self._path}: {name} has {arr.shape[0]} rows, fewer than the {rows.stop} "
                              f"committed; the store is damaged")
         try:
-            return np.asarray(arr[rows])
+            data = np.asarray(arr[rows])
         except OSError as e:
             raise StoreError(f"cannot read {name} of {self._path}: {describe_oserror(e)}") from e
         except (ValueError, RuntimeError) as e:  # crc32c mismatch, truncated or undecodable chunk
             raise StoreError(f"cannot read {name} rows [{rows.start}, {rows.stop}) of {self._path}: "
                              f"{e}") from e
+        if data.dtype.kind == "f" and np.isnan(data).any():
+            # Committed rows are never the NaN fill, so NaN there is either a recorded NaN or a lost chunk.
+            missing = missing_chunks(arr, rows)
+            if missing:
+                raise StoreError(f"{self._path} is damaged: {len(missing)} chunk(s) of {name} are missing "
+                                 f"({', '.join(missing[:3])}), inside the committed rows [{rows.start}, "
+                                 f"{rows.stop}); restore the store from a copy or retrain it")
+        return data
 
     def __repr__(self) -> str:
         return (f"<TrajectoryReader {self._path}: {self.num_steps} steps, {self.num_params} parameters, "
                 f"{len(self._layout)} tensors, {self.status}>")
+
+
+def missing_chunks(arr: zarr.Array, rows: slice) -> list[str]:
+    """Keys of the chunks holding `rows` (all columns) that are absent from the store."""
+    from zarr.core.sync import sync
+
+    step = arr.chunks[0]
+    first, last = rows.start // step, (max(rows.stop, rows.start + 1) - 1) // step
+    col_chunks = [range(-(-n // c)) for n, c in zip(arr.shape[1:], arr.chunks[1:])]
+    keys = []
+    for r in range(first, last + 1):
+        for rest in (np.ndindex(*[len(c) for c in col_chunks]) if col_chunks else [()]):
+            key = arr.metadata.encode_chunk_key((r, *rest))
+            if not sync(arr.store_path.store.exists(f"{arr.store_path.path}/{key}")):
+                keys.append(key)
+    return keys
+
+
+@contextlib.contextmanager
+def damaged_metadata(path: str, what: str = "its Zarr metadata") -> Iterator[None]:
+    """Turn what zarr raises on unreadable metadata (bad JSON, wrong fields, a missing node) into one line."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except OSError as e:
+        raise StoreError(f"cannot read {path}: {describe_oserror(e)}") from e
+    except (ValueError, TypeError, KeyError, AttributeError, zarr.errors.BaseZarrError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise StoreError(f"{path} is damaged: {what} cannot be read ({type(e).__name__}: {first}); restore "
+                         f"the store from a copy or retrain it") from e
+
+
+def _layout(raw: Any, path: str) -> ParamLayout:
+    try:
+        if not isinstance(raw, list) or not raw:
+            raise TypeError(f"expected a non-empty list of tensors, got {type(raw).__name__}")
+        layout = ParamLayout.from_json(raw)
+        offset = 0
+        for t in layout.tensors:
+            if t.offset != offset or any(d < 0 for d in t.shape):
+                raise ValueError(f"tensor {t.name!r} has offset {t.offset} and shape {list(t.shape)}")
+            offset += t.size
+        return layout
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise StoreError(f"{path} is damaged: its root attribute `layout` is not a parameter layout ({e}); "
+                         f"restore the store from a copy or retrain it") from None
 
 
 def _checkpoints(traj: zarr.Group, path: str) -> int:
@@ -197,11 +299,17 @@ def open_trajectory(path_or_url: StorePathLike, *, mode: str = "r+",
     version = node.attrs.get("format_version")
     if version is None or "layout" not in node.attrs:
         raise StoreError(f"{loc.name} is not a trajectory store (no format_version/layout attributes)")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise StoreError(f"{loc.name} has trajectory format_version {version}; this version reads {FORMAT_VERSION}")
     try:
         traj = node["trajectory"]
         traj["params"]
     except KeyError as e:
         raise StoreError(f"{loc.name} is not a trajectory store (no trajectory/params)") from e
+    except Exception as e:  # noqa: BLE001 - narrowed and worded by damaged_metadata
+        with damaged_metadata(loc.name):
+            raise e
+    if not isinstance(traj, zarr.Group) or not isinstance(traj["params"], zarr.Array):
+        raise StoreError(f"{loc.name} is damaged: trajectory/params is not an array in a group; restore the "
+                         f"store from a copy or retrain it")
     return TrajectoryReader(node, loc.name)

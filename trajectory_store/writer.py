@@ -17,8 +17,11 @@ from __future__ import annotations
 import atexit
 import json
 import math
+import os
 import platform
 import queue
+import shutil
+import socket
 import threading
 import time
 import weakref
@@ -37,6 +40,7 @@ from .codecs import params_codecs, small_codecs
 from .errors import StoreError
 from .layout import FROZEN_GROUP, ParamLayout, frozen_parameters
 from .location import Location, StorePathLike, check_creatable, describe_oserror, locate
+from .state import TrainingState, write_state
 
 FORMAT_VERSION = 1
 STEP_CHUNK = 4096  # per-step arrays are tiny; long chunks keep the file count down
@@ -61,6 +65,11 @@ class _Flush:
 
 class _Close:
     pass
+
+
+def writer_process() -> dict[str, Any]:
+    """Who is recording: lets a later command tell a live writer from one that was killed."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def library_versions() -> dict[str, str]:
@@ -204,11 +213,47 @@ class TrajectoryWriter:
             "format_version": FORMAT_VERSION, "workflow": None, **user_attrs, "layout": layout.to_json(),
             "versions": library_versions(), "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         }
-        root = _create_arrays(loc, layout, root_attrs, steps=steps, batch_size=batch_size,
-                              chunk_steps=int(chunk_steps), overwrite=overwrite, frozen=frozen)
+        fresh = loc.local is not None and not loc.local.exists()
+        try:
+            root = _create_arrays(loc, layout, root_attrs, steps=steps, batch_size=batch_size,
+                                  chunk_steps=int(chunk_steps), overwrite=overwrite, frozen=frozen)
+        except StoreError:
+            if fresh and loc.local is not None:  # a full disk or a failed write: leave nothing half-created
+                shutil.rmtree(loc.local, ignore_errors=True)
+            raise
         w = cls(loc=loc, root=root, layout=layout, chunk_steps=int(chunk_steps), queue_size=int(queue_size),
                 batch_size=batch_size, flush_seconds=flush_seconds)
         w._put(_Step(row0, math.nan, math.nan, None))
+        return w
+
+    @classmethod
+    def reopen(cls, path_or_url: StorePathLike, *, steps_done: int, queue_size: int = 8,
+               storage_options: dict[str, Any] | None = None,
+               flush_seconds: float | None = 60.0) -> "TrajectoryWriter":
+        """Continue recording an unfinished store after its first `steps_done` steps.
+
+        Checkpoints after theta_{steps_done} are dropped from the commit (they are rewritten as training
+        continues); the caller restores the matching training state (`TrajectoryReader.training_state`).
+        """
+        from .reader import open_trajectory  # the reader imports this module
+
+        reader = open_trajectory(path_or_url, storage_options=storage_options)
+        n = int(steps_done) + 1
+        if not 1 <= n <= reader.num_checkpoints:
+            raise StoreError(f"cannot continue {reader.path} after step {steps_done}: it has "
+                             f"{reader.num_checkpoints} committed checkpoints")
+        traj = reader.group["trajectory"]
+        width = traj["batch_indices"].shape[1] if "batch_indices" in traj else None
+        chunk = reader.chunk_steps
+        start = (n // chunk) * chunk
+        rows = reader.params(start, n) if n > start else None
+        traj.update_attributes({"checkpoints": n, "status": "recording", "stopped": None,
+                                "writer": writer_process()})
+        w = cls(loc=locate(path_or_url, storage_options), root=reader.group, layout=reader.layout,
+                chunk_steps=chunk, queue_size=int(queue_size), batch_size=width, flush_seconds=flush_seconds)
+        if rows is not None:
+            w._buf[:n - start] = rows
+        w._buf_start, w._buf_n, w._committed, w._recorded = start, n - start, n, int(steps_done)
         return w
 
     # ---- the trainer's side ---------------------------------------------------------------------------
@@ -250,6 +295,18 @@ class TrajectoryWriter:
         self._put(_Step(arr, float(loss), float(lr), idx))
         self._recorded += 1
 
+    def save_state(self, state: TrainingState) -> None:
+        """Keep the state that continues the run after `state.steps_done` steps (see trajectory_store.state).
+
+        Stored by the writer thread once the checkpoints up to theta_{steps_done} are committed; the arrays
+        are copied now, so the trainer may go on changing its buffers.
+        """
+        self._check_open()
+        if state.steps_done != self._recorded:
+            raise StoreError(f"a training state after {state.steps_done} steps, but {self._recorded} steps "
+                             f"are recorded; save it right after recording that step")
+        self._put(state.copy())
+
     def flush(self, timeout: float | None = None) -> None:
         """Block until every step recorded so far is committed (e.g. before giving up on a diverged run)."""
         self._check_open()
@@ -264,8 +321,11 @@ class TrajectoryWriter:
                 raise StoreError(f"flushing {self.path} took longer than {timeout} s")
         self._raise_if_failed()
 
-    def close(self, *, status: str = "complete") -> None:
-        """Commit everything, trim the arrays to what was recorded, and stop the writer thread."""
+    def close(self, *, status: str = "complete", stopped: str | None = None) -> None:
+        """Commit everything, trim the arrays to what was recorded, and stop the writer thread.
+
+        `status` is "complete" or "interrupted"; `stopped` says why an interrupted run stopped (one line).
+        """
         if self._closed:
             return
         self._closed = True
@@ -275,7 +335,7 @@ class TrajectoryWriter:
             self._thread.join()
         if self._error is None:
             try:
-                self._finish(status)
+                self._finish(status, stopped)
             except Exception as e:  # noqa: BLE001 - reported as the store's error, with the cause
                 self._error = e
         self._raise_if_failed()
@@ -288,8 +348,9 @@ class TrajectoryWriter:
         if exc is None:
             self.close()
             return
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         try:
-            self.close(status="interrupted")
+            self.close(status="interrupted", stopped=f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
         except StoreError as store_error:
             # Keep the training error as the one raised; the storage failure rides along as a note.
             exc.add_note(f"also: {store_error}")
@@ -332,6 +393,8 @@ class TrajectoryWriter:
             if isinstance(item, _Flush):
                 self._guarded(self._commit)
                 item.done.set()
+            elif isinstance(item, TrainingState):
+                self._guarded(self._store_state, item)
             elif self._error is None:
                 self._guarded(self._add, item)
 
@@ -377,6 +440,10 @@ class TrajectoryWriter:
             self._buf_start += self._chunk_steps
             self._buf_n = 0
 
+    def _store_state(self, state: TrainingState) -> None:
+        self._commit()  # the state is only useful beside the checkpoint it continues from
+        write_state(self._root, self._traj, state, _ZARR_CONFIG)
+
     def _ensure_rows(self, rows: int) -> None:
         have = self._params.shape[0]
         if rows <= have:
@@ -404,14 +471,14 @@ class TrajectoryWriter:
                 block[r, :len(i)] = i
         self._indices[s0:s1] = block
 
-    def _finish(self, status: str) -> None:
+    def _finish(self, status: str, stopped: str | None = None) -> None:
         n = self._committed
         self._params.resize((n, self._P))
         for a in (self._loss, self._lr):
             a.resize((max(n - 1, 0),))
         if self._indices is not None:
             self._indices.resize((max(n - 1, 0), self._indices.shape[1]))
-        self._traj.update_attributes({"checkpoints": n, "status": status})
+        self._traj.update_attributes({"checkpoints": n, "status": status, "stopped": stopped})
 
 
 def _create_indices(traj: zarr.Group, rows: int, width: int, chunk_steps: int) -> zarr.Array:
@@ -429,8 +496,9 @@ def _create_arrays(loc: Location, layout: ParamLayout, root_attrs: dict[str, Any
     try:
         store = loc.open_store(read_only=False)
         root = zarr.create_group(store, overwrite=overwrite, attributes=root_attrs, zarr_format=3)
-        traj = root.create_group("trajectory", attributes={"checkpoints": 0, "status": "recording",
-                                                           "chunk_steps": chunk_steps})
+        traj = root.create_group("trajectory", attributes={
+            "checkpoints": 0, "status": "recording", "chunk_steps": chunk_steps,
+            "planned_steps": None if steps is None else int(steps), "writer": writer_process()})
         traj.create_array("params", shape=(rows, P), chunks=(chunk_steps, param_chunk_for(P, chunk_steps)),
                           dtype="float32", fill_value=math.nan, config=_ZARR_CONFIG, **params_codecs(),
                           dimension_names=("checkpoint", "parameter"))

@@ -16,6 +16,8 @@ import xarray as xr
 
 from pipeline.errors import IncompleteResultError, IncompleteResultWarning, LCAError
 from pipeline.lca.plan import array_names, split_prefix, split_stats
+from pipeline.lca.plan import read_done
+from trajectory_store.reader import damaged_metadata
 
 
 def _split_variables(root: Any, split: str, layout: Any, steps: int, block: int) -> dict[str, tuple]:
@@ -62,13 +64,18 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
     `IncompleteResultError`), or "drop" (only the finished iterations, with a warning saying how many
     were left out).
     """
-    import warnings
-
     from trajectory_store import open_trajectory
 
     if incomplete not in ("warn", "raise", "drop"):
         raise LCAError(f"incomplete must be 'warn', 'raise' or 'drop', not {incomplete!r}")
-    reader = open_trajectory(path)
+    reader = open_trajectory(path, mode="r")
+    with damaged_metadata(path, "its LCA arrays or their attributes"):
+        return _open_lca(reader, path, incomplete)
+
+
+def _open_lca(reader: Any, path: str, incomplete: str) -> xr.Dataset:
+    import warnings
+
     root, layout = reader.group, reader.layout
     splits = computed_splits(root)
     if not splits:
@@ -81,7 +88,7 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
         lca_attrs = root[array_names(split)["lca"]].attrs
         block = int(lca_attrs.get("block", steps) or steps) or 1
         variables.update(_split_variables(root, split, layout, steps, block))
-        flags = np.asarray(root[array_names(split)["done"]][:])
+        flags = read_done(root, split)
         done, total = done + int(flags.sum()), total + flags.size
         complete[f"{split_prefix(split)}complete"] = ("iteration", _complete(root, split, steps, block))
     settings = dict(root[array_names(splits[0])["lca"]].attrs.get("settings", {}))
@@ -152,17 +159,46 @@ def _problem_lines(reader: Any, root: Any, splits: list[str]) -> list[str]:
     return lines
 
 
+def trajectory_status(reader: Any) -> str:
+    """complete / interrupted / recording, with what a person does next; one line for `lca info`."""
+    planned = reader.planned_steps
+    of = f" of {planned}" if planned is not None else ""
+    status = reader.status
+    if status == "complete":
+        return f"complete ({reader.num_steps}{of} steps)"
+    if status == "interrupted":
+        stopped = reader.stopped or ""
+        why = " (Ctrl-C)" if stopped.startswith(("Interrupted", "KeyboardInterrupt")) else \
+            f" ({stopped[:200]})" if stopped else ""
+        state = reader.training_state()
+        saved = f"; training state saved after step {state.steps_done}" if state is not None else ""
+        return (f"interrupted{why} after {reader.num_steps}{of} steps{saved}; rerun the training command to continue, LCA over it needs --partial")
+    alive = reader.writer_alive
+    who = reader.writer_info
+    if alive is False:
+        return (f"recording stopped: its writer (process {who.get('pid')}) is gone, killed after "
+                f"{reader.num_steps}{of} steps; rerun the training command to continue, LCA over it needs --partial")
+    where = f" by process {who.get('pid')} on {who.get('host')}" if who else ""
+    return f"recording{where}: {reader.num_steps}{of} steps so far; LCA over it needs --partial"
+
+
 def describe(path: str) -> str:
     """`lca info`: what a store holds and how well its LCA conserves the loss, in a dozen lines."""
     from trajectory_store import open_trajectory
 
-    reader = open_trajectory(path)
+    reader = open_trajectory(path, mode="r")
+    with damaged_metadata(path, "its attributes or LCA arrays"):
+        return _describe(reader, path)
+
+
+def _describe(reader: Any, path: str) -> str:
     layout = reader.layout
     wf = reader.workflow or {}
     lines = [
         f"store       {path}",
         f"workflow    {wf.get('name', '(none: recorded by a user loop)')}",
         f"steps       {reader.num_steps} ({reader.num_checkpoints} checkpoints)",
+        f"trajectory  {trajectory_status(reader)}",
         f"parameters  {layout.size:,} in {len(layout)} tensors: "
         + ", ".join(f"{t.name}{list(t.shape)}" for t in layout.tensors[:8])
         + (" ..." if len(layout) > 8 else ""),

@@ -42,7 +42,9 @@ def write_report(store: str, out: str, formats: Sequence[str] = ("png", "svg")) 
     """Open STORE's LCA and write the report into OUT; returns the summary (also `OUT/summary.json`)."""
     from pipeline.analysis.dataset import open_lca
 
-    return build_report(open_lca(store), out, formats=formats)
+    ds = open_lca(store)
+    prepare_out(out)
+    return build_report(ds, out, formats=formats)
 
 
 def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -55,6 +57,28 @@ def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:
         raise LCAError(f"--format {bad[0]!r} is not a figure format; choose from {', '.join(FORMATS)} "
                        f"(comma-separated, e.g. png,pdf)")
     return ("png",) + tuple(dict.fromkeys(f for f in items if f and f != "png"))
+
+
+def prepare_out(out: str | Path) -> Path:
+    """Make the report folder, or say in one line why it cannot be written (a file, no permission, no space)."""
+    import errno
+    import tempfile
+
+    from pipeline.errors import LCAError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise LCAError(f"--out {out} is a file, not a folder; give a folder for the report (it is created if "
+                       f"missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        fix = "free some disk space" if e.errno == errno.ENOSPC else "give a folder you can write to"
+        raise LCAError(f"cannot write the report into {out}: {reason}; {fix}") from None
+    return path
 
 
 def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: int = 0,

@@ -25,14 +25,16 @@ from typing import Any, Iterator, Sequence
 
 
 from pipeline.config import Workflow
-from pipeline.errors import LCAError, ProblemError
+from pipeline.errors import USER_ERRORS, LCAError, ProblemError
 from pipeline.lca.plan import Settings, SplitStats, array_names, plan_split, split_stats
 from pipeline.lca.worker import TaskSpec, release, run_block
 from pipeline.problem.definition import LossSpec, Problem, Ref, check_fingerprint
+from trajectory_store.reader import damaged_metadata
 
 EXECUTORS = ("dask", "inline")
 
 CONNECT_TIMEOUT_S = 10
+MAX_BLOCK_CHUNK_BYTES = 64 << 20  # one task's output chunk (block x param_chunk float32) stays below this
 LOOPBACK = "127.0.0.1"
 MAX_CPU_WORKERS = 4  # without GPUs: one worker per CPU core, at most this many (`--workers` help, README)
 
@@ -59,6 +61,28 @@ def dashboard_bind(address: str | None) -> str:
         raise LCAError(f"--dashboard-address must be PORT, HOST:PORT or :PORT (all interfaces), got {address!r}; "
                        f"for example 127.0.0.1:8787")
     return f"{host}:{int(port)}"
+
+
+def check_scheduler_address(address: str) -> str:
+    """A scheduler address Dask can dial, or one line saying what is wrong with it (before any connection)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    hint = "give it as tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786"
+    text = address.strip()
+    if not text:
+        raise LCAError(f"--scheduler is empty; {hint}")
+    if text.split("://", 1)[0].lower() in ("http", "https"):
+        raise LCAError(f"--scheduler {address!r} is a web address (the dashboard's?); the scheduler speaks Dask's "
+                       f"own protocol: {hint}")
+    try:
+        scheme, location = parse_address(text, strict=False)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            host, port = parse_host_port(location)
+            if not host or not 0 < int(port) < 65536:
+                raise ValueError(f"port {port} is outside 1-65535" if host else "no host")
+    except (ValueError, TypeError) as e:
+        raise LCAError(f"--scheduler {address!r} is not a scheduler address ({e}); {hint}") from None
+    return text
 
 
 @dataclass
@@ -133,6 +157,18 @@ def _client(workers: int, scheduler: str | None, dashboard_address: str | None =
         yield client
 
 
+def choose_block(reader: Any, block_steps: int | None) -> int:
+    """Steps per task: the trajectory's chunk unless asked otherwise, never more than the run has, and never
+    so many that one task's output chunk (block x the trajectory's column chunk, float32) gets huge."""
+    block = min(block_steps or reader.chunk_steps, reader.num_steps)
+    max_block = max(1, MAX_BLOCK_CHUNK_BYTES // (4 * reader.param_chunk))
+    if block > max_block:
+        raise LCAError(f"--block-steps {block} would make output chunks of {block * reader.param_chunk * 4 >> 20} "
+                       f"MiB; use at most {max_block} (or leave it out: the trajectory's chunk, "
+                       f"{reader.chunk_steps})")
+    return block
+
+
 def compute_lca(
     store: str,
     *,
@@ -155,6 +191,7 @@ def compute_lca(
     executor: str = "dask",
     progress: bool = True,
     dashboard_address: str | None = None,
+    partial: bool = False,
 ) -> ComputeSummary:
     """Compute LCA for every recorded step of `store` and write it into the store's `lca/` group.
 
@@ -165,11 +202,14 @@ def compute_lca(
     differs from the store's, a model whose parameters differ from its layout, or another loss is refused
     before anything is written. `executor="inline"` runs every block in this process instead of on a Dask
     cluster (same numbers; `workers` and `scheduler` do not apply). Blocks already done under the same
-    settings are skipped unless `recompute`.
+    settings are skipped unless `recompute`. A trajectory that is not complete (interrupted, or still
+    recording) is refused unless `partial`: LCA of a run's first steps is rarely what was meant.
     A local cluster listens on loopback only; its dashboard link is printed (with `progress`) and kept in
     the summary; `dashboard_address` ("PORT", "HOST:PORT") fixes where it listens. Steps that end outside
     the tolerance even at `max_splits` give a `ToleranceWarning` with their share.
     """
+    import math
+
     import torch
     from trajectory_store import open_trajectory
 
@@ -185,12 +225,25 @@ def compute_lca(
         raise LCAError("--dashboard-address sets up the local cluster's dashboard; with --scheduler the dashboard "
                        "is the running scheduler's own (its link is printed): drop one of the two")
     dashboard_bind(dashboard_address)  # a bad address fails before anything starts
+    if tol is not None and not (math.isfinite(tol) and tol > 0):
+        raise LCAError(f"--tol must be a finite positive number, got {tol}")
+    if scheduler is not None:
+        scheduler = check_scheduler_address(scheduler)
+    if splits:
+        splits = list(dict.fromkeys(splits))  # `--split heldout,heldout` means heldout once
     if device == "cuda" and not scheduler and not torch.cuda.is_available():
         raise LCAError("--device cuda was asked for but CUDA is not available here; use --device auto or cpu")
     if executor == "inline" and scheduler:
         raise LCAError("--scheduler runs on a Dask cluster; drop it or --inline")
 
     reader = open_trajectory(store)
+    if reader.status != "complete" and not partial:
+        planned = f" of {reader.planned_steps}" if reader.planned_steps is not None else ""
+        why = f"; it stopped with {reader.stopped}" \
+            if reader.stopped and not reader.stopped.startswith(("Interrupted", "KeyboardInterrupt")) else ""
+        raise LCAError(f"the trajectory in {store} is {reader.status}: {reader.num_steps}{planned} steps "
+                       f"recorded{why}; let training finish (rerun the training command to continue it) or "
+                       f"pass --partial for LCA over the recorded steps only")
     if reader.num_checkpoints < 2:
         raise LCAError(f"{store} holds {reader.num_checkpoints} checkpoint(s); LCA needs at least two "
                        f"(a run of at least one recorded step)")
@@ -202,10 +255,11 @@ def compute_lca(
     # Everything that could make L the wrong function is checked here, before anything is written.
     problem = check_problem(reader, problem, stored, split_names, settings, recompute=recompute)
 
-    block = block_steps or reader.chunk_steps
-    plans = [plan_split(reader.group, s, steps=reader.num_steps, size=reader.layout.size, block=block,
-                        param_chunk=reader.param_chunk, settings=settings, recompute=recompute)
-             for s in split_names]
+    block = choose_block(reader, block_steps)
+    with damaged_metadata(store, "its LCA arrays or their attributes"):
+        plans = [plan_split(reader.group, s, steps=reader.num_steps, size=reader.layout.size, block=block,
+                            param_chunk=reader.param_chunk, settings=settings, recompute=recompute)
+                 for s in split_names]
     for s in split_names:  # what L was, beside the results: `lca info` shows it, a resume checks it
         reader.group[array_names(s)["lca"]].attrs["problem"] = problem.to_json()
     pending = [b for p in plans for b in p.pending]
@@ -458,7 +512,7 @@ def _run(client: Any, spec: TaskSpec, pending: list, steps: int, progress: bool,
         for future in as_completed(futures):
             try:
                 results.append(future.result())
-            except LCAError:
+            except USER_ERRORS:
                 raise
             except Exception as e:  # a worker-side failure that is not ours: say which block, keep it short
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -8,6 +8,8 @@ block as done last, so a killed task or client leaves nothing half-claimed and a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +18,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import LCAError
+from trajectory_store import StoreError
+from trajectory_store.location import describe_oserror
 from pipeline.lca.integrate import BlockResult
 
 FORMAT = 1
@@ -87,14 +91,58 @@ def _create_arrays(root: zarr.Group, split: str, steps: int, size: int, block: i
         "points": ((steps,), (block,), "int32", 0, ("step",)),
         "splits": ((steps,), (block,), "int32", 0, ("step",)),
     }
-    # The completion record goes first and empty: if planning dies half-way, nothing claims to be done.
-    root.create_array(names["done"], shape=(nblocks,), chunks=(1,), dtype="uint8", fill_value=0,
-                      overwrite=True, dimension_names=("block",))
-    for key, (shape, chunks, dtype, fill, dims) in specs.items():
-        root.create_array(names[key], shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                          compressors=_compressors(), overwrite=True, dimension_names=dims)
-    root[names["lca"]].attrs.update({"format": FORMAT, "settings": settings.to_json(), "block": block,
-                                     "steps": steps})
+    # The completion record goes first and empty: if planning dies half-way, nothing claims to be done,
+    # and what was created is removed again (a full disk must not leave arrays without their settings).
+    group = names["lca"].rsplit("/", 1)[0]
+    had_group = group in root
+    try:
+        root.create_array(names["done"], shape=(nblocks,), chunks=(1,), dtype="uint8", fill_value=0,
+                          overwrite=True, dimension_names=("block",))
+        for key, (shape, chunks, dtype, fill, dims) in specs.items():
+            root.create_array(names[key], shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                              compressors=_compressors(), overwrite=True, dimension_names=dims)
+        root[names["lca"]].attrs.update({"format": FORMAT, "settings": settings.to_json(), "block": block,
+                                         "steps": steps})
+    except OSError as e:
+        for name in names.values():
+            with contextlib.suppress(Exception):
+                del root[name]
+        if not had_group:
+            with contextlib.suppress(Exception):
+                del root[group]
+        where = str(getattr(root.store_path.store, "root", root.store_path))
+        raise StoreError(f"cannot create the {split} LCA arrays in {where}: {describe_oserror(e)}; "
+                         f"{_fix_for(e)}") from None
+
+
+def _fix_for(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "free some disk space and run the same command again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the store writable (or compute on a writable copy of it)"
+    return "check the store's file system and run the same command again"
+
+
+def read_done(root: zarr.Group, split: str, nblocks: int | None = None) -> np.ndarray:
+    """The split's completion record (one flag per block), checked: missing or misshapen is one line."""
+    names = array_names(split)
+    fix = "recompute it with `lca compute STORE --recompute`"
+    try:
+        done = np.asarray(root[names["done"]][:])
+    except KeyError:
+        raise StoreError(f"the completion record {names['done']} is missing; {fix}") from None
+    except (ValueError, TypeError, RuntimeError, zarr.errors.BaseZarrError) as e:
+        raise StoreError(f"the completion record {names['done']} cannot be read ({type(e).__name__}); {fix}") from None
+    if nblocks is None:
+        lca = root[names["lca"]]
+        block = lca.attrs.get("block")
+        if not isinstance(block, int) or isinstance(block, bool) or block < 1 or lca.ndim != 2:
+            raise StoreError(f"{names['lca']} has no valid `block` attribute; {fix}")
+        nblocks = -(-int(lca.shape[0]) // block)
+    if done.shape != (nblocks,):
+        raise StoreError(f"the completion record {names['done']} has shape {done.shape}, expected "
+                         f"({nblocks},); {fix}")
+    return done.astype(bool)
 
 
 def plan_split(root: zarr.Group, split: str, *, steps: int, size: int, block: int, param_chunk: int,
@@ -102,8 +150,12 @@ def plan_split(root: zarr.Group, split: str, *, steps: int, size: int, block: in
     """Create or check the split's arrays and list the blocks still to compute."""
     names = array_names(split)
     existing = dict(root[names["lca"]].attrs) if names["lca"] in root else None
+    nblocks = -(-steps // block)
+    intact = names["done"] in root and root[names["done"]].shape == (nblocks,)
     same = existing is not None and existing.get("settings") == settings.to_json() \
-        and existing.get("block") == block and existing.get("steps") == steps and names["done"] in root
+        and existing.get("block") == block and existing.get("steps") == steps and intact
+    if existing is not None and not intact and not recompute:
+        read_done(root, split)  # names what is wrong with the completion record, and the fix
     if not same or recompute:
         if existing is not None and not recompute and names["done"] in root \
                 and np.asarray(root[names["done"]][:]).any():
@@ -113,7 +165,7 @@ def plan_split(root: zarr.Group, split: str, *, steps: int, size: int, block: in
             raise LCAError(f"{split} LCA in this store was computed with {what}; pass --recompute to "
                            f"replace it with the new settings")
         _create_arrays(root, split, steps, size, block, param_chunk, settings)
-    done = np.asarray(root[names["done"]][:]).astype(bool)
+    done = read_done(root, split, nblocks)
     blocks = [Block(split, i, s, min(steps, s + block)) for i, s in enumerate(range(0, steps, block))]
     return SplitPlan(split, settings, steps, block, blocks, [b for b in blocks if not done[b.index]])
 
@@ -136,7 +188,7 @@ class SplitStats:
 def split_stats(root: zarr.Group, split: str, tol: float) -> SplitStats:
     """Statistics over the steps of finished blocks (the completion record, not the values, says which)."""
     names = array_names(split)
-    done = np.asarray(root[names["done"]][:]).astype(bool)
+    done = read_done(root, split)
     block = int(root[names["lca"]].attrs["block"])
     steps = int(root[names["residual"]].shape[0])
     mask = np.repeat(done, block)[:steps]

@@ -110,6 +110,19 @@ def release(spec: TaskSpec) -> None:
         for key in [k for k in _EVALUATORS if k[:2] == (spec.store, spec.created)]:
             del _EVALUATORS[key]
         _READERS.pop((spec.store, spec.created), None)
+def _check_finite(result: Any, start: int, spec: TaskSpec, precision: str) -> None:
+    """A row that is not finite is never written, let alone marked done: say where L overflowed."""
+    loss = np.asarray(result.loss)
+    bad_loss = ~np.isfinite(loss)
+    bad_rows = ~(np.isfinite(np.asarray(result.lca)).all(axis=1) & np.isfinite(np.asarray(result.residual)))
+    if not bad_loss.any() and not bad_rows.any():
+        return
+    t = start + int(np.argmax(bad_loss)) if bad_loss.any() else start + int(np.argmax(bad_rows))
+    what = f"the full-split loss at theta_{t} is {loss[t - start]}" if bad_loss.any() \
+        else f"the LCA of step t={t} is not finite (its gradients overflowed)"
+    fix = "retrain the run with smaller parameters or a lower learning rate" if precision == "fp64" \
+        else "try --precision fp64, or retrain the run with smaller parameters or a lower learning rate"
+    raise LCAError(f"{what} in {spec.store} ({precision}); nothing was written for that block: {fix}")
 
 
 def run_block(spec: TaskSpec, split: str, index: int, start: int, stop: int, steps: int) -> dict[str, Any]:
@@ -131,6 +144,7 @@ def run_block(spec: TaskSpec, split: str, index: int, start: int, stop: int, ste
     s = spec.settings
     result = integrate_block(evaluator.loss_and_grad, rows, rule=s["rule"], tol=s["tol"],
                              max_splits=s["max_splits"], points_per_pass=evaluator.points_per_pass)
+    _check_finite(result, start, spec, s["precision"])
     write_block(reader.group, Block(split, index, start, stop), result, steps)
     return {
         "split": split, "index": index, "steps": stop - start, "points": int(result.points.sum()),

@@ -10,21 +10,23 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
-from typing import Any, Callable
-
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from trajectory_store import TrajectoryWriter
+from trajectory_store import StoreError, TrainingState, TrajectoryWriter, open_trajectory, store_exists
 
-from pipeline.config import OptimizerConfig, ScheduleConfig, Workflow
-from pipeline.errors import DivergenceError, WorkflowError
+from pipeline.config import (OptimizerConfig, ScheduleConfig, Workflow, describe_differences,
+                             workflow_differences)
+from pipeline.errors import DivergenceError, Interrupted, WorkflowError
 from pipeline.problem.data import dataset_spec, resolve_data_config, split_size
 from pipeline.problem.definition import Problem, check_loss_value
 from pipeline.problem.models import count_parameters, model_spec
@@ -40,9 +42,11 @@ class TrainResult:
     final_loss: float
     seconds: float
     device: str
+    resumed_from: int = 0  # steps already recorded by an interrupted run that this call continued
 
     def __str__(self) -> str:
-        return (f"trained {self.workflow!r} for {self.steps} steps ({self.num_parameters:,} parameters, "
+        resumed = f" (continued after step {self.resumed_from})" if self.resumed_from else ""
+        return (f"trained {self.workflow!r} for {self.steps} steps{resumed} ({self.num_parameters:,} parameters, "
                 f"{self.device}) in {self.seconds:.1f} s; final minibatch loss {self.final_loss:.4f}; "
                 f"{self.steps + 1} checkpoints in {self.store}")
 
@@ -67,12 +71,22 @@ def total_steps(workflow: Workflow, num_samples: int) -> tuple[int, int]:
     return (t.steps if t.steps > 0 else t.epochs * per_epoch), per_epoch
 
 
-def minibatches(num_samples: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless minibatch indices: a fresh permutation per epoch, so `steps` runs continue across epochs."""
+def minibatches(num_samples: int, batch_size: int, generator: torch.Generator,
+                start: int = 0) -> Iterator[torch.Tensor]:
+    """Endless minibatch indices: a fresh permutation per epoch, so `steps` runs continue across epochs.
+
+    `start` skips that many batches by replaying the generator (one permutation per epoch skipped), so a
+    resumed run draws exactly the batches the uninterrupted run would have.
+    """
+    per_epoch = num_samples // batch_size
+    for _ in range(start // per_epoch):
+        torch.randperm(num_samples, generator=generator)
+    first = start % per_epoch
     while True:
         perm = torch.randperm(num_samples, generator=generator)
-        for i in range(num_samples // batch_size):
+        for i in range(first, per_epoch):
             yield perm[i * batch_size:(i + 1) * batch_size]
+        first = 0
 
 
 def make_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -104,6 +118,110 @@ def _check_workflow(workflow: Workflow) -> None:
         raise WorkflowError(f"optimizer.betas must be two numbers, got {opt.betas}")
 
 
+def recorded_workflow(workflow: Workflow) -> Workflow:
+    """The workflow as a store records it: data paths made absolute, so any process finds the same files."""
+    return workflow.replace(data={"path": resolve_data_config(workflow.data).path})
+
+
+def resume_point(workflow: Workflow, store: str) -> TrainingState | None:
+    """Where `train` continues an unfinished store from, or None when there is no store yet.
+
+    Refuses (one line) a complete store, a store being recorded right now, one recorded by another
+    workflow, and one that stopped because training diverged (continuing would diverge again).
+    """
+    if not store_exists(store):
+        return None
+    reader = open_trajectory(store, mode="r")
+    planned = reader.planned_steps
+    of = f" of {planned}" if planned is not None else ""
+    if reader.status == "complete":
+        raise StoreError(f"store {store} already exists and holds a complete run ({reader.num_steps}{of} "
+                         f"steps); pass --overwrite to replace it")
+    if reader.status == "recording" and reader.writer_alive is not False:
+        who = reader.writer_info
+        where = f"process {who.get('pid')} on {who.get('host')}" if who else "another process"
+        raise StoreError(f"store {store} is being recorded by {where} ({reader.num_steps}{of} steps so far); "
+                         f"wait for it, or stop it and run this command again to continue it")
+    if not reader.workflow:
+        raise StoreError(f"store {store} was recorded by a user's own loop, not by `lca train`; pass --overwrite "
+                         f"to replace it")
+    diffs = workflow_differences(reader.workflow, recorded_workflow(workflow).to_dict())
+    if diffs:
+        raise StoreError(f"store {store} holds an unfinished run of another workflow (differs in "
+                         f"{describe_differences(diffs)}); pass --overwrite to retrain it from scratch")
+    if (reader.stopped or "").startswith("DivergenceError"):
+        raise DivergenceError(f"the run in {store} stopped because training diverged ({reader.stopped}); "
+                              f"continuing would diverge again: change the workflow and retrain with --overwrite")
+    state = reader.training_state()
+    if state is None or state.steps_done + 1 > reader.num_checkpoints:
+        if reader.num_checkpoints < 1:
+            return TrainingState(-1)  # not even theta_0 was committed: start afresh in the same place
+        state = TrainingState(0)      # nothing saved yet: continue from theta_0 with fresh buffers
+    return state
+
+
+def capture_state(steps_done: int, optimizer: torch.optim.Optimizer, device: torch.device) -> TrainingState:
+    """The optimizer's buffers and the random generators after `steps_done` steps, as plain arrays."""
+    arrays: dict[str, np.ndarray] = {"rng.cpu": torch.get_rng_state().numpy()}
+    if device.type == "cuda":
+        arrays["rng.cuda"] = torch.cuda.get_rng_state(device).numpy()
+    scalars: dict[str, dict[str, object]] = {}
+    for idx, entries in optimizer.state_dict()["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                arrays[f"optimizer.{idx}.{key}"] = value.detach().to("cpu").numpy()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return TrainingState(steps_done, arrays, {"optimizer": scalars})
+
+
+def restore_state(state: TrainingState, model: nn.Module, optimizer: torch.optim.Optimizer, row: np.ndarray,
+                  device: torch.device) -> None:
+    """Put the model at checkpoint `row` and the optimizer and generators where `capture_state` found them."""
+    from trajectory_store import ParamLayout
+
+    with torch.no_grad():
+        values = ParamLayout.from_model(model).unflatten(torch.from_numpy(np.array(row, dtype=np.float32)))
+        for name, p in model.named_parameters():
+            if name in values:  # frozen parameters are outside the layout, and as initialised
+                p.copy_(values[name])
+    per_param: dict[int, dict[str, object]] = {}
+    for name, arr in state.arrays.items():
+        if name.startswith("optimizer."):
+            _, idx, key = name.split(".", 2)
+            per_param.setdefault(int(idx), {})[key] = torch.from_numpy(np.array(arr, copy=True))
+    for idx, entries in state.meta.get("optimizer", {}).items():
+        per_param.setdefault(int(idx), {}).update(entries)
+    if per_param:
+        optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
+    if "rng.cpu" in state.arrays:
+        torch.set_rng_state(torch.from_numpy(np.array(state.arrays["rng.cpu"], copy=True)))
+    if "rng.cuda" in state.arrays and device.type == "cuda":
+        torch.cuda.set_rng_state(torch.from_numpy(np.array(state.arrays["rng.cuda"], copy=True)), device)
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C (or SIGTERM) asks the loop to stop after its current step, so the saved state matches
+    a checkpoint exactly; a second one interrupts at once (the last chunk's state is then the one kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    asked = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        if asked.is_set():
+            raise KeyboardInterrupt
+        asked.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked.is_set
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
 def train(workflow: Workflow, store: str, *, overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Train `workflow` and record its whole trajectory in the Zarr store at `store` (path or fsspec URL).
 
@@ -113,6 +231,9 @@ def train(workflow: Workflow, store: str, *, overwrite: bool = False, progress: 
     _check_workflow(workflow)
     start = time.perf_counter()
     device = pick_device(workflow.train.device)
+    resume = None if overwrite else resume_point(workflow, store)
+    if resume is not None and resume.steps_done < 0:
+        resume, overwrite = None, True
     data_cfg = resolve_data_config(workflow.data)
     workflow = workflow.replace(data={"path": data_cfg.path})  # absolute, so workers find the files
     problem = Problem.from_workflow(workflow)
@@ -145,16 +266,23 @@ def train(workflow: Workflow, store: str, *, overwrite: bool = False, progress: 
             "seed": workflow.seed,
         }
         data = data.to(device)
-        batches = minibatches(len(data), batch_size, torch.Generator().manual_seed(workflow.seed))
+        first = resume.steps_done if resume is not None else 0
+        batches = minibatches(len(data), batch_size, torch.Generator().manual_seed(workflow.seed), start=first)
         optimizer = make_optimizer(workflow.optimizer, [p for p in model.parameters() if p.requires_grad])
-        with TrajectoryWriter.create(store, model, steps=steps, batch_size=batch_size, attrs=attrs,
-                                     overwrite=overwrite, chunk_steps=workflow.train.chunk_steps) as writer, \
-                _cpu_threads(model, device):
+        if resume is not None:
+            row = open_trajectory(store, mode="r").params(first, first + 1)[0]
+            restore_state(resume, model, optimizer, row, device)
+            writer = TrajectoryWriter.reopen(store, steps_done=first)
+        else:
+            writer = TrajectoryWriter.create(store, model, steps=steps, batch_size=batch_size, attrs=attrs,
+                                             overwrite=overwrite, chunk_steps=workflow.train.chunk_steps)
+        with writer, _cpu_threads(model, device), _stop_requests() as stop_asked:
             loss_value = _run_steps(workflow, model, optimizer, writer, data, problem.build_loss(), batches,
-                                    steps, progress)
+                                    steps, progress, first=first, stop_asked=stop_asked, store=store)
             writer.flush()
     return TrainResult(store=store, workflow=workflow.name, steps=steps, num_parameters=count_parameters(model),
-                       final_loss=loss_value, seconds=time.perf_counter() - start, device=str(device))
+                       final_loss=loss_value, seconds=time.perf_counter() - start, device=str(device),
+                       resumed_from=first)
 
 
 @contextlib.contextmanager
@@ -199,15 +327,27 @@ def _cpu_threads(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 def _run_steps(workflow: Workflow, model: nn.Module, optimizer: torch.optim.Optimizer, writer: TrajectoryWriter,
                data: Split, loss_fn: Callable[..., Any], batches: Iterator[torch.Tensor], steps: int,
-               progress: bool) -> float:
-    """The loop itself; returns the last minibatch loss (the problem's loss: summed loss / count)."""
+               progress: bool, *, first: int = 0, stop_asked: Callable[[], bool] = lambda: False,
+               store: str = "") -> float:
+    """The loop itself, from step `first`; returns the last minibatch loss (the problem's loss: summed
+    loss / count).
+
+    The training state goes to the store at every chunk boundary (the writer commits it with that chunk),
+    and at a requested stop, so a rerun continues bit for bit from the last one kept.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=steps, unit="step", desc=workflow.name, leave=False,
+    device = next(model.parameters()).device
+    chunk = workflow.train.chunk_steps
+    bar = tqdm(total=steps, initial=first, unit="step", desc=workflow.name, leave=False,
                disable=not progress or not sys.stderr.isatty())
     loss_value = float("nan")
     try:
-        for t in range(steps):
+        for t in range(first, steps):
+            if stop_asked():
+                writer.save_state(capture_state(t, optimizer, device))
+                raise Interrupted(f"training stopped after step {t} of {steps}; the {t} steps and the training "
+                                  f"state are saved in {store}: run the same command again to continue")
             lr = learning_rate(workflow.optimizer, workflow.schedule, t, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -226,6 +366,8 @@ def _run_steps(workflow: Workflow, model: nn.Module, optimizer: torch.optim.Opti
             if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
                 _diverged(writer, t, "parameters are not finite after the update", workflow.optimizer.lr)
             writer.record(model, loss=loss_value, lr=lr, batch_indices=idx.numpy())
+            if (t + 1) % chunk == 0 and t + 1 < steps:
+                writer.save_state(capture_state(t + 1, optimizer, device))
             bar.update()
             if t % 10 == 0 or t == steps - 1:
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
