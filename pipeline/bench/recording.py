@@ -42,6 +42,9 @@ class _NullWriter:
     def flush(self) -> None:
         pass
 
+    def save_state(self, state: Any) -> None:
+        pass
+
 
 class _TeeWriter:
     """Forwards to a real writer and keeps each recorded row, to check the store bit for bit afterwards."""
@@ -55,6 +58,9 @@ class _TeeWriter:
 
     def flush(self) -> None:
         self.writer.flush()
+
+    def save_state(self, state: Any) -> None:
+        self.writer.save_state(state)
 
 
 def bench_training(plan: Plan, device: torch.device, scratch: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
 from pipeline.config import Workflow
@@ -148,13 +148,65 @@ def _client(workers: int, scheduler: str | None, dashboard_address: str | None =
     # while it cleans them up itself; that noise would bury the one-line error. The tracker process reads
     # its warning filters from the environment, so the filter has to go there.
     os.environ.setdefault("PYTHONWARNINGS", "ignore:resource_tracker:UserWarning")
-    # Every listener (scheduler, nannies, workers, dashboard) on loopback: a store path or a task is nobody
-    # else's business on a shared machine. The dashboard's port is random unless asked for (two runs on one
-    # machine must not fight over 8787).
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host=LOOPBACK,
-                      dashboard_address=dashboard_bind(dashboard_address),
-                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
-        yield client
+    release = _hold_interrupts()
+    try:
+        # Every listener (scheduler, nannies, workers, dashboard) on loopback: a store path or a task is nobody
+        # else's business on a shared machine. The dashboard's port is random unless asked for (two runs on
+        # one machine must not fight over 8787).
+        try:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host=LOOPBACK,
+                                   dashboard_address=dashboard_bind(dashboard_address),
+                                   silence_logs=logging.CRITICAL)
+        except RuntimeError as e:  # "Nanny failed to start": a worker process died while it started
+            raise LCAError(f"the local Dask workers failed to start ({str(e).rstrip('.')}: was a worker process "
+                           f"killed, or out of memory?); run the same command again, perhaps with fewer "
+                           f"--workers") from None
+        try:
+            client = Client(cluster)
+        except BaseException:
+            cluster.close()
+            raise
+        with cluster, client:
+            release()  # a Ctrl-C pressed while the cluster started arrives here, and the cluster is closed
+            yield client
+    finally:
+        release(False)
+
+
+def _hold_interrupts() -> Callable[[bool], None]:
+    """Hold Ctrl-C back while the local cluster starts; returns `release(deliver)` that lets it through.
+
+    The worker processes (and the cluster's threads that start them) are started with SIGINT blocked, and
+    keep it blocked: a Ctrl-C sent to the whole process group, as a terminal does, then reaches only this
+    process, which closes the cluster in order, instead of every worker printing a KeyboardInterrupt
+    traceback. A Ctrl-C during the start is noted and delivered once the cluster can be closed cleanly.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return lambda deliver=True: None
+    # multiprocessing's resource tracker, when it starts, unblocks SIGINT in the thread that starts it
+    # (Python 3.11), which would be the one that then starts the workers: start it first, here.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    pressed: list[int] = []
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    released = False
+
+    def release(deliver: bool = True) -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # a pending Ctrl-C lands in `pressed` now
+        signal.signal(signal.SIGINT, previous_handler)
+        if pressed and deliver:
+            raise KeyboardInterrupt
+
+    return release
 
 
 def choose_block(reader: Any, block_steps: int | None) -> int:
@@ -295,8 +347,9 @@ def compute_lca(
         summary.devices = [r["device"] for r in results]
     summary.seconds = time.perf_counter() - t0
     computed = {p.split: sum(1 for b in pending if b.split == p.split) for p in plans}
-    summary.splits = [SplitSummary(p.split, p.steps, computed[p.split],
-                                   split_stats(reader.group, p.split, p.settings.tol)) for p in plans]
+    with damaged_metadata(store, "its LCA arrays or their attributes"):
+        summary.splits = [SplitSummary(p.split, p.steps, computed[p.split],
+                                       split_stats(reader.group, p.split, p.settings.tol)) for p in plans]
     _warn_unreached_tolerance(summary)
     return summary
 
