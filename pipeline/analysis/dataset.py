@@ -15,8 +15,8 @@ import numpy as np
 import xarray as xr
 
 from pipeline.errors import IncompleteResultError, IncompleteResultWarning, LCAError
-from pipeline.lca.plan import array_names, split_prefix, split_stats
-from pipeline.lca.plan import read_done
+from pipeline.lca.plan import array_names, read_done, split_prefix, split_stats
+from trajectory_store import StoreError
 from trajectory_store.reader import damaged_metadata
 
 
@@ -170,8 +170,11 @@ def trajectory_status(reader: Any) -> str:
         stopped = reader.stopped or ""
         why = " (Ctrl-C)" if stopped.startswith(("Interrupted", "KeyboardInterrupt")) else \
             f" ({stopped[:200]})" if stopped else ""
-        state = reader.training_state()
-        saved = f"; training state saved after step {state.steps_done}" if state is not None else ""
+        try:
+            state = reader.training_state()
+            saved = f"; training state saved after step {state.steps_done}" if state is not None else ""
+        except StoreError:
+            saved = "; its saved training state is damaged (retrain with --overwrite)"
         return (f"interrupted{why} after {reader.num_steps}{of} steps{saved}; rerun the training command to continue, LCA over it needs --partial")
     alive = reader.writer_alive
     who = reader.writer_info
