@@ -99,8 +99,13 @@ def _compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--scheduler", default=None, help="Address of a running Dask scheduler, e.g. tcp://host:8786."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--split", "splits", default=None, help="Comma-separated splits: train,heldout [default: workflow's]."),
-        click.option("--rule", type=click.Choice(["rk4", "first-order"]), default=None, help="[default: workflow's]"),
+        click.option("--rule", type=click.Choice(["rk4", "fast", "first-order"]), default=None,
+                     help="rk4: Simpson from n=2; fast: trapezoid first, Simpson only where needed "
+                          "(surveys); first-order: the paper's comparison [default: workflow's]"),
         click.option("--tol", type=float, default=None, help="Absolute |residual| bound per step [default: workflow's]."),
+        click.option("--rtol", type=float, default=None,
+                     help="Bound on the estimated per-parameter error (L1, relative to sum |LCA|) per step; "
+                          "0: none [default: workflow's]."),
         click.option("--max-splits", type=int, default=None, help="Finest Simpson subdivision [default: workflow's]."),
         click.option("--precision", type=click.Choice(["fp32", "tf32", "fp64"]), default=None,
                      help="[default: workflow's]"),
@@ -219,12 +224,14 @@ def export_tensorboard_cmd(store: str, logdir: str, histogram_every: int | None)
 @click.option("--smoke", is_flag=True, help="Small sizes, for CI: checks the table, not the speed.")
 @click.option("--out", default="bench-out", show_default=True, help="Folder for bench.json and scratch stores.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--only", default=None, help="Comma-separated sections, e.g. accuracy,worker_memory [default: all].")
 @_user_errors
-def bench(smoke: bool, out: str, device: str) -> None:
+def bench(smoke: bool, out: str, device: str, only: str | None) -> None:
     """Print the performance table: engine vs reference-style evaluator, FLOPs, residuals, store size."""
     from pipeline.bench.run import run_bench
 
-    run_bench(smoke=smoke, out=out, device=device)
+    run_bench(smoke=smoke, out=out, device=device,
+              only=[s.strip() for s in only.split(",") if s.strip()] if only else None)
 
 
 if __name__ == "__main__":

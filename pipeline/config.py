@@ -22,7 +22,7 @@ DATASETS = ("digits", "fashion-mnist", "cifar10", "synthetic")
 ARCHS = ("fc", "lenet", "resnet20")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "step", "cosine")
-RULES = ("rk4", "first-order")
+RULES = ("rk4", "fast", "first-order")
 SPLITS = ("train", "heldout")
 PRECISIONS = ("fp32", "tf32", "fp64")
 LOSSES = ("cross-entropy", "mse", "token-cross-entropy")
@@ -100,6 +100,9 @@ class TrainConfig:
 class LCAConfig:
     rule: str = _choice("rk4", RULES)
     tol: float = 1e-4              # absolute bound on |residual| per step before refining (reference: 1e-3)
+    # Bound on the estimated per-parameter error of a step, sum_i |error_i| / sum_i |LCA_i| (the embedded
+    # coarser rule's difference); refinement goes on until both tol and rtol hold. 0: no such bound.
+    rtol: float = 0.0
     max_splits: int = 32           # the finest composite-Simpson subdivision (2, 4, 8, 16 or 32)
     splits: list[str] = field(default_factory=lambda: ["train"])
     eval_batch_size: int = 4096    # fixed: with BatchNorm the full-set loss depends on it
@@ -247,8 +250,10 @@ def _check_semantics(wf: Workflow, source: str) -> None:
         bad(f"data.train_samples must be 0 (all) or positive, got {wf.data.train_samples}")
     if lca.max_splits not in (2, 4, 8, 16, 32):
         bad(f"lca.max_splits must be one of 2, 4, 8, 16, 32; got {lca.max_splits}")
-    if not lca.tol > 0:
-        bad(f"lca.tol must be positive, got {lca.tol}")
+    if not 0 < lca.tol < float("inf"):
+        bad(f"lca.tol must be a positive finite number, got {lca.tol}")
+    if not 0 <= lca.rtol < float("inf"):
+        bad(f"lca.rtol must be 0 (no per-parameter target) or a positive finite number, got {lca.rtol}")
     if lca.eval_batch_size < 1:
         bad(f"lca.eval_batch_size must be at least 1, got {lca.eval_batch_size}")
     if not lca.splits or any(s not in SPLITS for s in lca.splits):

@@ -17,9 +17,9 @@ from pipeline.bench.run import COLUMNS, TITLES, run_bench
 
 from .conftest import LCA, ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # the smoke fixture runs every section
 
-SECTIONS = ("gradient", "precision", "lca", "training", "storage")
+SECTIONS = ("gradient", "precision", "lca", "training", "storage", "accuracy", "precision_choice", "worker_memory")
 
 
 def positive(row: dict, *keys: str) -> None:
@@ -124,11 +124,19 @@ def test_storage_is_bit_exact_and_smaller_than_h5py_gzip(smoke):
 
 
 def test_cli_bench_smoke_exits_zero(tmp_path):
-    proc = subprocess.run([*LCA, "bench", "--smoke", "--out", str(tmp_path / "b"), "--device", "cpu"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    # Every section already ran in-process (the `smoke` fixture); the CLI run checks the command, `--only`.
+    proc = subprocess.run([*LCA, "bench", "--smoke", "--out", str(tmp_path / "b"), "--device", "cpu",
+                           "--only", "training,storage"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert TITLES["storage"] in proc.stdout
-    assert set(SECTIONS) <= set(json.loads((tmp_path / "b" / "bench.json").read_text()))
+    assert TITLES["storage"] in proc.stdout and TITLES["gradient"] not in proc.stdout
+    assert {"training", "storage"} <= set(json.loads((tmp_path / "b" / "bench.json").read_text()))
+
+
+def test_cli_bench_unknown_section_is_one_line(tmp_path):
+    proc = subprocess.run([*LCA, "bench", "--smoke", "--out", str(tmp_path / "b"), "--only", "acuracy"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "unknown bench section 'acuracy'" in proc.stderr and "accuracy" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
@@ -149,3 +157,38 @@ def test_bench_modules_do_not_import_the_cli():
     proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "--smoke" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_accuracy_rows(smoke):
+    rows = smoke[0]["accuracy"]
+    assert {r["run"] for r in rows} == {"digits-fc", "digits-bn-conv"}
+    by = {(r["run"], r["rule"], r["setting"]): r for r in rows}
+    for run in ("digits-fc", "digits-bn-conv"):
+        assert by[(run, "first-order", "-")]["grads_per_step"] == 1
+        assert by[(run, "rk4", "n = 2 fixed")]["grads_per_step"] == 2
+        assert by[(run, "rk4", "n = 16 fixed")]["grads_per_step"] == 16
+        # Against the n = 32 reference, finer is better, and the fast rule never costs more than rk4.
+        assert by[(run, "rk4", "n = 16 fixed")]["l1_err_median"] < by[(run, "rk4", "n = 2 fixed")]["l1_err_median"]
+        assert by[(run, "fast", "tol 1e-4")]["grads_per_step"] <= by[(run, "rk4", "tol 1e-4 (default)")]["grads_per_step"]
+    for r in rows:
+        assert 0 <= r["estimate_bounds"] <= 1 and 0 <= r["within_1e-4"] <= 1
+        assert r["rel_err_p99"] >= r["rel_err_median"] >= 0 and r["l1_err_max"] >= r["l1_err_median"] > 0
+        assert r["helped_diff"] == pytest.approx(r["helped"] - r["helped_reference"], abs=1e-12)
+
+
+def test_precision_choice_rows(smoke):
+    rows = smoke[0]["precision_choice"]
+    assert {(r["run"], r["precision"]) for r in rows} >= {("digits-bn-conv", "fp32"), ("digits-bn-conv", "fp64")}
+    for r in rows:
+        positive(r, "steps", "grads_per_step", "max_abs_residual", "l1_err_median", "seconds")
+        if r["precision"] == "fp64":
+            assert r["grad_rel_diff"] == 0 and r["rounding_l1_median"] == 0
+        else:
+            assert 0 < r["grad_rel_diff"] < 1e-3 and r["rounding_l1_median"] < r["l1_err_median"]
+
+
+def test_worker_memory_rows(smoke):
+    for r in smoke[0]["worker_memory"]:
+        positive(r, "params", "block_steps", "points", "baseline_mib", "peak_mib", "seconds")
+        assert r["peak_mib"] >= r["baseline_mib"] and math.isfinite(r["bytes_per_param"])
+        assert r["target_bytes_per_param"] == 64

@@ -31,7 +31,7 @@ def arrays(store, split="train"):
 
 
 def assert_same(a, b):
-    for key in ("lca", "loss", "residual", "points", "splits", "done"):
+    for key in ("lca", "loss", "residual", "points", "splits", "error", "done"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key, strict=True)
 
 
@@ -99,7 +99,7 @@ def test_same_bits_with_two_workers_and_other_block_sizes(reference, store_copy)
         other = store_copy(f"block{block}.zarr")
         compute_lca(other, workers=1, threads_per_worker=1, block_steps=block, progress=False)
         a, b = arrays(other), arrays(ref)
-        for key in ("lca", "loss", "residual"):
+        for key in ("lca", "loss", "residual", "error"):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"block {block}: {key}")
         # Only the bookkeeping of who paid for a block's first start gradient differs.
         assert np.array_equal(a["splits"], b["splits"])
@@ -141,6 +141,26 @@ def test_open_lca_view(reference):
     assert first.sizes["iteration"] == 10
     assert set(ds["param_layer"].values[:10]) == {ds["layer"].values[0]}
     np.testing.assert_allclose(ds["loss_after"].values[:-1], ds["loss"].values[1:])
+
+
+def test_fast_rule_and_rtol_from_the_command_line(store_copy):
+    """`--rule fast --rtol`: stored in the settings, honoured per step, and the estimate is shown by
+    `lca info` and carried by the xarray view (the error comes back with the answer)."""
+    store = store_copy()
+    run = subprocess.run(LCA + ["compute", store, "--workers", "1", "--rule", "fast", "--tol", "1e-3",
+                                "--rtol", "0.05"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "rtol 0.05" in run.stdout and "per-parameter error estimate" in run.stdout
+    a = arrays(store)
+    settings = zarr.open_group(store, mode="r")["lca/train"].attrs["settings"]
+    assert settings["rule"] == "fast" and settings["rtol"] == 0.05
+    assert np.all(((a["error"] <= 0.05) & (np.abs(a["residual"]) <= 1e-3)) | (a["splits"] == 32))
+    assert (a["splits"] >= 2).any()  # rtol refined steps the residual alone would have left at the trapezoid
+    ds = open_lca(store)
+    np.testing.assert_array_equal(ds["lca_error"].values, a["error"])
+    assert ds.attrs["rtol"] == 0.05 and ds.attrs["rule"] == "fast"
+    info = subprocess.run(LCA + ["info", store], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "rtol 0.05" in info and "error     per-parameter estimate" in info and "within rtol" in info
 
 
 def test_info_command(reference):

@@ -127,6 +127,7 @@ def test_steps_and_epochs_exactly_one(tmp_path: Path, steps: int, epochs: int) -
     ("optimizer", "lr", -1.0, "optimizer.lr"),
     ("lca", "max_splits", 3, "max_splits"),
     ("lca", "tol", 0.0, "lca.tol"),
+    ("lca", "rtol", -0.1, "lca.rtol"),
     ("lca", "splits", ["train", "test"], "lca.splits"),
     ("lca", "splits", [], "lca.splits"),
     ("lca", "eval_batch_size", 0, "eval_batch_size"),

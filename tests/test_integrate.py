@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.lca.evaluate import Evaluator
-from pipeline.lca.integrate import integrate_block
+from pipeline.lca.integrate import RowStream, integrate_block
 from trajectory_store.layout import ParamLayout
 
 
@@ -211,3 +211,157 @@ def test_each_evaluator_computes_in_its_own_precision():
     Evaluator(model, layout, x, y, batch_size=40, precision="tf32")  # flips torch's process-wide flags
     fp32.loss_and_grad(rows[:1])
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+def _cubic_grad(thetas):
+    thetas = np.atleast_2d(thetas)
+    return (thetas ** 4).sum(axis=1) / 4, thetas ** 3
+
+
+@pytest.mark.parametrize("rule", ["rk4", "fast", "first-order"])
+def test_same_bits_whatever_the_block_size_and_row_streaming(rule):
+    """Each step's numbers depend only on its own checkpoints: cutting the run into other blocks, reading
+    rows one at a time and handing rows to a sink changes no bit (the CPU evaluator's contract)."""
+    model, layout, x, y, rows = small_problem()
+    ev = Evaluator(model, layout, x, y, batch_size=40)
+    rows = rows[:1] + 0.3 * (rows - rows[:1])  # gentler steps: some are refined, some not
+    kw = dict(rule=rule, tol=1e-2, rtol=2e-2, max_splits=8, points_per_pass=1, point_dtype=np.float32)
+    whole = integrate_block(ev.loss_and_grad, rows, **kw)
+    assert rule == "first-order" or whole.splits.max() > whole.splits.min()  # refinement really happened
+    steps = len(rows) - 1
+    for cut in ([0, 2, steps], [0, 1, 2, 4, steps]):
+        parts, sunk = [], {}
+        for a, b in zip(cut[:-1], cut[1:]):
+            stream = RowStream(lambda i, j, a=a: rows[a + i:a + j].copy(), b - a + 1, group=1)
+            parts.append(integrate_block(ev.loss_and_grad, stream, **kw,
+                                         on_row=lambda t, row, a=a: sunk.__setitem__(a + t, row.copy())))
+            assert parts[-1].lca is None
+        assert sorted(sunk) == list(range(steps))
+        np.testing.assert_array_equal(np.stack([sunk[t] for t in range(steps)]), whole.lca)
+        for key in ("residual", "error", "splits"):
+            np.testing.assert_array_equal(np.concatenate([getattr(p, key) for p in parts]), getattr(whole, key))
+        np.testing.assert_array_equal(np.concatenate([p.loss[:-1] for p in parts] + [parts[-1].loss[-1:]]),
+                                      whole.loss)
+
+
+def test_window_of_several_steps_gives_the_same_numbers_as_one_step_at_a_time():
+    """A wide pass (vmap-style, several steps in flight) folds the same gradients in the same order."""
+    rows = trajectory(size=20, steps=7) * 2
+    one = integrate_block(_cubic_grad, rows, rule="rk4", tol=1e-9, max_splits=32, points_per_pass=1)
+    wide = integrate_block(_cubic_grad, rows, rule="rk4", tol=1e-9, max_splits=32, points_per_pass=16)
+    for key in ("lca", "residual", "error", "splits", "points", "loss"):
+        np.testing.assert_array_equal(getattr(wide, key), getattr(one, key))
+
+
+def _true_l1(lca, expected):
+    return np.abs(lca.astype(np.float64) - expected).sum(axis=1) / np.abs(expected).sum(axis=1)
+
+
+def test_error_estimate_bounds_the_true_error_against_an_independent_float64_n32():
+    """The stored estimate (embedded coarser rule, no extra gradient) against the per-parameter error
+    measured from a plain float64 Simpson n = 32 written in this file: it bounds it, and not uselessly."""
+    model, layout, x, y, rows = small_problem(with_bn=True)
+    rows = rows[:1] + 0.3 * (rows - rows[:1])
+    expected, _ = plain_float64_lca(model, layout, x, y, rows, n=32, batch_size=40)
+    ev = Evaluator(model, layout, x, y, batch_size=40, precision="fp64")
+    for rule, kw in [("rk4", dict(max_splits=2)), ("rk4", dict(max_splits=8)), ("fast", dict(max_splits=1)),
+                     ("first-order", {})]:
+        out = integrate_block(ev.loss_and_grad, rows, rule=rule, tol=0.0, points_per_pass=1, **kw)
+        true = _true_l1(out.lca, expected)
+        assert np.all(out.error >= true), (rule, kw, out.error, true)
+        assert np.all(out.error <= 30 * true), (rule, kw, out.error, true)
+    # Finer rules have smaller true errors and smaller estimates.
+    coarse = integrate_block(ev.loss_and_grad, rows, rule="rk4", tol=0.0, max_splits=2, points_per_pass=1)
+    fine = integrate_block(ev.loss_and_grad, rows, rule="rk4", tol=0.0, max_splits=16, points_per_pass=1)
+    assert np.all(fine.error < coarse.error)
+    assert np.all(_true_l1(fine.lca, expected) < _true_l1(coarse.lca, expected))
+
+
+def test_fast_rule_conserves_and_refines_only_where_the_residual_asks():
+    model, layout, x, y, rows = small_problem()
+    rows = rows[:1] + 0.3 * (rows - rows[:1])
+    ev = Evaluator(model, layout, x, y, batch_size=40, precision="fp64")
+    tol = 1e-4
+    fast = integrate_block(ev.loss_and_grad, rows, rule="fast", tol=tol, max_splits=32, points_per_pass=1)
+    rk4 = integrate_block(ev.loss_and_grad, rows, rule="rk4", tol=tol, max_splits=32, points_per_pass=1)
+    # Conservation, independently of our evaluator: the loss change from a plain float64 forward pass.
+    _, losses = plain_float64_lca(model, layout, x, y, rows, n=2, batch_size=40)
+    np.testing.assert_allclose(fast.lca.sum(axis=1, dtype=np.float64) + fast.residual, np.diff(losses),
+                               rtol=0, atol=1e-12)
+    assert np.all((np.abs(fast.residual) <= tol) | (fast.splits == 32))
+    trapezoid = fast.splits == 1
+    assert trapezoid.any() and (~trapezoid).any()  # both kinds of step occur on this trajectory
+    # One new gradient per trapezoid step; a refined step is bit for bit the rk4 step (every point reused).
+    new = fast.points.copy()
+    new[0] -= 1
+    assert np.all(new[trapezoid] == 1)
+    np.testing.assert_array_equal(fast.lca[~trapezoid], rk4.lca[~trapezoid])
+    assert fast.points.sum() < rk4.points.sum()
+
+
+def test_rtol_refines_until_the_per_parameter_estimate_holds():
+    model, layout, x, y, rows = small_problem()
+    rows = rows[:1] + 0.3 * (rows - rows[:1])
+    ev = Evaluator(model, layout, x, y, batch_size=40, precision="fp64")
+    plain = integrate_block(ev.loss_and_grad, rows, rule="rk4", tol=1e-2, max_splits=32, points_per_pass=1)
+    rtol = 0.5 * float(np.median(plain.error))
+    out = integrate_block(ev.loss_and_grad, rows, rule="rk4", tol=1e-2, rtol=rtol, max_splits=32,
+                          points_per_pass=1)
+    assert np.all((out.error <= rtol) | (out.splits == 32))
+    assert np.all((np.abs(out.residual) <= 1e-2) | (out.splits == 32))
+    refined = plain.error > rtol
+    assert refined.any() and np.all(out.splits[refined] > plain.splits[refined])
+    # Steps already within rtol stop where they stopped without it: it only ever adds points.
+    np.testing.assert_array_equal(out.splits[~refined], plain.splits[~refined])
+    # Both must hold: a step within rtol but outside tol is still refined.
+    strict = integrate_block(ev.loss_and_grad, rows, rule="rk4", tol=1e-12, rtol=1.0, max_splits=4,
+                             points_per_pass=1)
+    assert np.all(strict.splits == 4)
+    # Unreachable: refinement stops at max_splits.
+    capped = integrate_block(ev.loss_and_grad, rows, rule="rk4", tol=1e-2, rtol=1e-9, max_splits=8,
+                             points_per_pass=1)
+    assert np.all(capped.splits == 8)
+
+
+def test_pass_width_narrows_for_large_models_and_points_fit_free_memory():
+    from pipeline.lca.evaluate import points_that_fit
+    from pipeline.lca.integrate import pass_width
+
+    assert pass_width(12_000, 16, 2) == (16, 8)          # small model: the evaluator's full width
+    k, w = pass_width(25_000_000, 16, 2)
+    assert (k, w) == (1, 1)                               # 25M parameters: one point, one step at a time
+    k, w = pass_width(1_000_000, 16, 2)
+    assert 1 <= k < 16 and 1_000_000 * (w * 36 + k * 20) <= 64 * 1_000_000 + (64 << 20)
+    assert points_that_fit(10_000, 128, 1000, free=1 << 34) == 16
+    assert points_that_fit(25_000_000, 128, 1000, free=1 << 30) == 1
+    assert 1 < points_that_fit(1_000_000, 128, 1000, free=200 << 20) < 16
+
+
+def test_block_writer_streams_whole_output_chunks_and_undoes_a_failed_block(tmp_path):
+    """A large model's output chunk holds fewer rows than a block: rows are written chunk by chunk as they
+    arrive (never the whole block in memory), and a block that fails part-way leaves NaN, as never run."""
+    import zarr
+
+    from pipeline.lca.plan import Block, BlockWriter, Settings, lca_chunk_rows, plan_split
+
+    size = 300_000  # 1.2 MB per row: 3 rows fit the 4 MiB chunk, so 2 rows per chunk of an 8-step block
+    assert lca_chunk_rows(8, size) == 2 and lca_chunk_rows(64, 12_000) == 64
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    settings = Settings("rk4", 1e-4, 32, "fp32", 100)
+    plan_split(root, "train", steps=8, size=size, block=8, param_chunk=size, settings=settings)
+    assert root["lca/train"].chunks[0] == 2
+    rows = np.random.default_rng(0).normal(size=(8, size)).astype(np.float32)
+    writer = BlockWriter(root, Block("train", 0, 0, 8), 8)
+    for j in range(3):
+        writer.row(j, rows[j])
+    assert not np.isnan(root["lca/train"][0:2]).any() and np.isnan(root["lca/train"][2:4]).all()
+    writer.abort()
+    assert np.isnan(root["lca/train"][:]).all() and root["lca/blocks_done"][0] == 0
+    writer = BlockWriter(root, Block("train", 0, 0, 8), 8)
+    for j in range(8):
+        writer.row(j, rows[j])
+    result = type("R", (), dict(loss=np.zeros(9), residual=np.zeros(8), points=np.ones(8, np.int32),
+                                splits=np.ones(8, np.int32), error=np.zeros(8)))()
+    writer.finish(result)
+    np.testing.assert_array_equal(root["lca/train"][:], rows)
+    assert root["lca/blocks_done"][0] == 1

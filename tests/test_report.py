@@ -18,8 +18,8 @@ LAYERS = [("fc1.weight", "fc1", (16, 10)), ("fc1.bias", "fc1", (16,)),
           ("fc3.weight", "fc3", (3, 8)), ("fc3.bias", "fc3", (3,))]
 KEYS = {"store", "rule", "tol", "steps", "steps_total", "parameters", "layers", "modules", "helped_fraction",
         "distribution", "layer_totals", "hurting_layers", "module_totals", "hurting_modules", "units",
-        "synchronisation", "residual", "reconstruction", "points", "heldout", "figures", "run", "settings",
-        "figure_files"}
+        "synchronisation", "residual", "reconstruction", "points", "error_estimate", "heldout", "figures", "run",
+        "settings", "figure_files"}
 
 
 def training_like(t: int = 150, seed: int = 0, heldout: bool = False, **kw):
@@ -60,6 +60,7 @@ def test_build_report_writes_six_figures_and_summary(tmp_path, capsys):
     assert s["residual"]["max_abs"] < 1e-5 and s["heldout"] is None
     assert s["points"] == {"total": 300, "mean_per_step": 2.0, "splits": {"2": 150}}
     assert s["distribution"]["excess_kurtosis"] > 1
+    assert s["error_estimate"] is None  # a store from before the estimate existed
     printed = capsys.readouterr().out
     assert "helped fraction" in printed and "synchronisation" in printed and "fc3" in printed
 
@@ -168,3 +169,15 @@ def test_bad_figure_format_is_one_line():
     assert parse_formats("png,pdf") == ("png", "pdf") and parse_formats("svg") == ("png", "svg")
     with pytest.raises(LCAError, match="--format 'jpg' is not a figure format"):
         parse_formats("png,jpg")
+
+
+def test_report_carries_the_per_parameter_error_estimate(tmp_path, capsys):
+    ds = training_like(t=40)
+    err = np.linspace(1e-3, 2e-2, 40)
+    ds["lca_error"] = ("iteration", err)
+    ds.attrs["rtol"] = 1e-2
+    s = build_report(ds, tmp_path, draws=50)
+    e = s["error_estimate"]
+    assert e["median"] == pytest.approx(np.median(err)) and e["max"] == pytest.approx(2e-2)
+    assert e["within_rtol"] == pytest.approx((err <= 1e-2).mean()) and e["rtol"] == 1e-2
+    assert "per-parameter error (est.)" in capsys.readouterr().out

@@ -33,6 +33,8 @@ def _split_variables(root: Any, split: str, layout: Any, steps: int, block: int)
         f"{prefix}residual": da.from_zarr(root[names["residual"]]),
         f"{prefix}points": da.from_zarr(root[names["points"]]),
         f"{prefix}splits": da.from_zarr(root[names["splits"]]),
+        **({f"{prefix}lca_error": da.from_zarr(root[names["error"]])}  # the per-parameter error estimate
+           if names["error"] in root else {}),  # (stores computed before it existed have none)
     }
     # Uniform chunks along iteration (slicing loss by one row leaves chunks like (63, 1, 63, 1, ...)), and
     # one chunk across layers: what `to_zarr` needs to write the Dataset out as it is.
@@ -105,6 +107,7 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
         "rule": str(settings.get("rule", "")),
         "tol": float(settings.get("tol", np.nan)),
         "precision": str(settings.get("precision", "")),
+        "rtol": float(settings.get("rtol", 0.0)),
         "splits_computed": ",".join(splits),
         "workflow": json.dumps(reader.workflow or {}),
         "settings": json.dumps(settings),
@@ -181,12 +184,18 @@ def describe(path: str) -> str:
         names = array_names(split)
         settings = root[names["lca"]].attrs.get("settings", {})
         tol = float(settings.get("tol", np.inf))
-        st = split_stats(root, split, tol)
+        rtol = float(settings.get("rtol", 0.0))
+        st = split_stats(root, split, tol, rtol)
         lines.append(f"lca/{split:<7} {st.blocks_done}/{st.blocks_total} blocks done "
                      f"({100 * st.blocks_done / st.blocks_total:.0f}%); rule {settings.get('rule')}, "
-                     f"tol {settings.get('tol')}, {settings.get('precision')}")
+                     f"tol {settings.get('tol')}" + (f", rtol {rtol:g}" if rtol > 0 else "")
+                     + f", {settings.get('precision')}")
         if st.steps_done:
             lines.append(f"  residual  |r| max {st.residual_abs_max:.3e}, mean {st.residual_abs_mean:.3e}, "
                          f"median {st.residual_abs_median:.3e}; {100 * st.within_tol:.1f}% of steps within tol")
             lines.append(f"  points    {st.points_mean:.3f} gradient evaluations per step (max {st.points_max})")
+            if np.isfinite(st.error_median):
+                lines.append(f"  error     per-parameter estimate sum|e_i|/sum|LCA_i| median {st.error_median:.2e}, "
+                             f"max {st.error_max:.2e}"
+                             + (f"; {100 * st.within_rtol:.1f}% of steps within rtol" if rtol > 0 else ""))
     return "\n".join(lines)

@@ -116,6 +116,7 @@ def build_report(ds: xr.Dataset, out: str | Path, *, draws: int = 1000, window: 
         "residual": acc.residual_stats("train"),
         "reconstruction": dict(recon.attrs),
         "points": _points(ds),
+        "error_estimate": _error_estimate(ds),
         "heldout": heldout,
         "figures": list(FIGURES.values()),
     }
@@ -252,6 +253,22 @@ def _points(ds: xr.Dataset) -> dict[str, Any]:
     return out
 
 
+def _error_estimate(ds: xr.Dataset) -> dict[str, Any] | None:
+    """The stored per-parameter error estimate (sum |e_i| / sum |LCA_i| per step), where the store has it:
+    the residual is a sum whose terms cancel, so this is the number per-parameter conclusions rest on."""
+    import numpy as np
+
+    if "lca_error" not in ds:
+        return None
+    e = np.asarray(ds["lca_error"].values, dtype=np.float64)
+    e = e[np.isfinite(e)]
+    if not e.size:
+        return None
+    rtol = float(ds.attrs.get("rtol", 0.0) or 0.0)
+    return {"median": float(np.median(e)), "p90": float(np.quantile(e, 0.9)), "max": float(e.max()),
+            "rtol": rtol or None, "within_rtol": float((e <= rtol).mean()) if rtol > 0 else None}
+
+
 def _heldout_summary(ds: xr.Dataset, acc: Any) -> dict[str, Any] | None:
     """Held-out LCA next to train LCA, when it was computed (`--split train,heldout`)."""
     import numpy as np
@@ -326,6 +343,11 @@ def format_summary(s: dict[str, Any], out: Path | str | None = None) -> str:
     if s.get("points"):
         lines.append(f"{'gradient evaluations':<{w}}{s['points'].get('total', 'n/a')} "
                      f"({f(s['points'].get('mean_per_step'), '.3g')} per step)")
+    if s.get("error_estimate"):
+        e = s["error_estimate"]
+        lines.append(f"{'per-parameter error (est.)':<{w}}median {f(e['median'], '.3g')}  p90 {f(e['p90'], '.3g')}  "
+                     f"max {f(e['max'], '.3g')}  (sum |e_i| / sum |LCA_i| per step"
+                     + (f"; {f(e['within_rtol'], '.1%')} within rtol {f(e['rtol'], '.3g')})" if e.get("rtol") else ")"))
     if s.get("heldout"):
         h = s["heldout"]
         lines.append(f"{'held-out':<{w}}helped {f(h['helped_fraction']['mean'], '.4f')}  corr with train "

@@ -1,13 +1,13 @@
 """`lca bench`: one run on one machine measures where LCA's time goes and what exactness it keeps.
 
-Five tables, printed as each section finishes and written together to `<out>/bench.json` (one list of row
+Eight tables, printed as each section finishes and written together to `<out>/bench.json` (one list of row
 dicts per section, plus `meta`). Seconds are medians over several repetitions after warm-up, the candidates of one
 row timed round-robin so that load on a shared machine hits them alike; on CUDA every timed region ends in
 `torch.cuda.synchronize()`. Smoke mode (`--smoke`, for CI) uses tiny sample counts and one torch thread:
 it checks that the table is produced, not how fast anything is. On a CPU other jobs share, expect noise.
 
 Each section is its own module, named for the question it answers (its docstring says how to read its
-table): gradient, precision, end_to_end, recording, storage. This module only sequences them.
+table): gradient, precision, end_to_end, recording, storage, accuracy, precision_choice, worker_memory. This module only sequences them.
 """
 
 from __future__ import annotations
@@ -19,20 +19,21 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from pipeline.bench import end_to_end, gradient, precision, recording, storage
+from pipeline.bench import accuracy, end_to_end, gradient, precision, precision_choice, recording, storage, worker_memory
 from pipeline.bench.plan import make_plan
 from pipeline.bench.runs import run_workflow, train_store
 from pipeline.bench.table import format_table, header, jsonable
 from pipeline.bench.timing import device_name, matmul_peak, resolve_device
-from pipeline.errors import DataError
+from pipeline.errors import DataError, LCAError
 
 # Section name (the key in bench.json) -> its module, in the order they run.
 SECTIONS = {"gradient": gradient, "precision": precision, "lca": end_to_end, "training": recording,
-            "storage": storage}
+            "storage": storage, "accuracy": accuracy, "precision_choice": precision_choice,
+            "worker_memory": worker_memory}
 COLUMNS = {name: module.COLUMNS for name, module in SECTIONS.items()}
 TITLES = {name: module.TITLE for name, module in SECTIONS.items()}
 
@@ -52,12 +53,21 @@ def _fashion_available() -> bool:
         return False
 
 
-def run_bench(*, smoke: bool = False, out: str = "bench-out", device: str = "auto") -> dict[str, Any]:
-    """Run every section, print its table as it finishes, write `<out>/bench.json`, and return the same dict.
+def run_bench(*, smoke: bool = False, out: str = "bench-out", device: str = "auto",
+              only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run every section (or those named in `only`), print each table as it finishes, write
+    `<out>/bench.json`, and return the same dict.
 
     Scratch stores are written under `<out>/scratch` and removed at the end.
     """
     from pipeline.lca.evaluate import set_precision
+
+    unknown = sorted(set(only or ()) - set(SECTIONS))
+    if unknown:
+        raise LCAError(f"unknown bench section {unknown[0]!r}; sections: {', '.join(SECTIONS)}")
+
+    def want(*names: str) -> bool:
+        return only is None or any(n in only for n in names)
 
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -112,17 +122,28 @@ def run_bench(*, smoke: bool = False, out: str = "bench-out", device: str = "aut
         (out_dir / "bench.json").write_text(json.dumps(jsonable(result), indent=1))
 
     try:
-        emit("gradient", gradient.bench_gradient(plan, dev, peaks))
+        if want("gradient"):
+            emit("gradient", gradient.bench_gradient(plan, dev, peaks))
         runs = [("digits-fc", scratch / "digits-fc.zarr", plan.digits_steps, plan.digits_chunk)]
         if plan.fashion_steps:
             runs.append(("fashion-fc", scratch / "fashion-fc.zarr", plan.fashion_steps, plan.fashion_chunk))
-        for name, store, steps, chunk in runs:
-            train_store(run_workflow(name, steps, chunk, dev), store)
-        emit("precision", precision.bench_precision(runs[0][1], runs[0][0], dev))
-        emit("lca", end_to_end.bench_lca([(name, store) for name, store, _, _ in runs], plan, dev))
-        rows, check = recording.bench_training(plan, dev, scratch)
-        emit("training", rows)
-        emit("storage", storage.bench_storage(check))
+        if want("precision", "lca"):
+            for name, store, steps, chunk in runs:
+                train_store(run_workflow(name, steps, chunk, dev), store)
+        if want("precision"):
+            emit("precision", precision.bench_precision(runs[0][1], runs[0][0], dev))
+        if want("lca"):
+            emit("lca", end_to_end.bench_lca([(name, store) for name, store, _, _ in runs], plan, dev))
+        if want("training", "storage"):
+            rows, check = recording.bench_training(plan, dev, scratch)
+            if want("training"):
+                emit("training", rows)
+            if want("storage"):
+                emit("storage", storage.bench_storage(check))
+        if want("accuracy", "precision_choice"):
+            accuracy.run_sections(emit, scratch, smoke=smoke, fashion=fashion, device=dev)
+        if want("worker_memory"):
+            emit("worker_memory", worker_memory.bench_memory(scratch, smoke=smoke))
     finally:
         set_precision("fp32")
         torch.set_num_threads(threads_before)

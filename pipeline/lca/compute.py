@@ -81,7 +81,8 @@ class ComputeSummary:
 
     def __str__(self) -> str:
         s = self.settings
-        lines = [f"LCA ({s.rule}, tol {s.tol:g}, max splits {s.max_splits}, {s.precision}) for {self.store}"]
+        target = f"tol {s.tol:g}" + (f", rtol {s.rtol:g}" if s.rtol > 0 else "")
+        lines = [f"LCA ({s.rule}, {target}, max splits {s.max_splits}, {s.precision}) for {self.store}"]
         for sp in self.splits:
             st = sp.stats
             steps_per_s = sp.steps * sp.blocks_computed / max(st.blocks_total, 1) / self.seconds \
@@ -90,7 +91,8 @@ class ComputeSummary:
                 f"  {sp.split}: {sp.steps} steps in {st.blocks_total} blocks ({sp.blocks_computed} computed now, "
                 f"{steps_per_s:.1f} steps/s); |residual| max {st.residual_abs_max:.2e} mean "
                 f"{st.residual_abs_mean:.2e}; {100 * st.within_tol:.1f}% within tol; "
-                f"{st.points_mean:.3f} gradient evaluations per step")
+                f"{st.points_mean:.3f} gradient evaluations per step; per-parameter error estimate "
+                f"median {st.error_median:.2e} max {st.error_max:.2e}")
         if self.workers:
             lines.append(f"  {self.workers} worker(s) on {', '.join(sorted(set(self.devices))) or 'n/a'}, "
                          f"{self.seconds:.1f} s" + (f"; dashboard was at {self.dashboard}" if self.dashboard else ""))
@@ -102,7 +104,7 @@ def resolve_settings(wf: Workflow, **overrides: Any) -> Settings:
     """The workflow's LCA settings with command-line overrides, validated by the workflow schema."""
     changes = {k: v for k, v in overrides.items() if v is not None}
     lca = wf.replace(lca=changes).lca if changes else wf.lca
-    return Settings(lca.rule, lca.tol, lca.max_splits, lca.precision, lca.eval_batch_size)
+    return Settings(lca.rule, lca.tol, lca.max_splits, lca.precision, lca.eval_batch_size, lca.rtol)
 
 
 @contextlib.contextmanager
@@ -142,6 +144,7 @@ def compute_lca(
     splits: Sequence[str] | None = None,
     rule: str | None = None,
     tol: float | None = None,
+    rtol: float | None = None,
     max_splits: int | None = None,
     precision: str | None = None,
     eval_batch_size: int | None = None,
@@ -196,7 +199,7 @@ def compute_lca(
                        f"(a run of at least one recorded step)")
     problem, settings_workflow, stored = resolve_problem(reader, workflow, model=model, data=data, loss=loss)
     # `splits` goes through the workflow schema too, so a bad split name is the same one-line error.
-    settings = resolve_settings(settings_workflow, rule=rule, tol=tol, max_splits=max_splits, precision=precision,
+    settings = resolve_settings(settings_workflow, rule=rule, tol=tol, rtol=rtol, max_splits=max_splits, precision=precision,
                                 eval_batch_size=eval_batch_size, splits=list(splits) if splits else None)
     split_names = list(splits) if splits else list(settings_workflow.lca.splits)
     # Everything that could make L the wrong function is checked here, before anything is written.
@@ -242,7 +245,7 @@ def compute_lca(
     summary.seconds = time.perf_counter() - t0
     computed = {p.split: sum(1 for b in pending if b.split == p.split) for p in plans}
     summary.splits = [SplitSummary(p.split, p.steps, computed[p.split],
-                                   split_stats(reader.group, p.split, p.settings.tol)) for p in plans]
+                                   split_stats(reader.group, p.split, p.settings.tol, p.settings.rtol)) for p in plans]
     _warn_unreached_tolerance(summary)
     return summary
 

@@ -46,6 +46,33 @@ def set_precision(precision: Precision) -> None:
     torch.backends.cudnn.allow_tf32 = allow
 
 
+# Bytes per parameter one path point costs in a vmap pass: the point, its float64 sum, its float32 gradient
+# and the per-point parameter copies functional_call makes.
+VMAP_BYTES_PER_PARAM = 4 + 8 + 4 + 4
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory the evaluator may still take on its device."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 32
+
+
+def points_that_fit(size: int, batch: int, activation_bytes: int, free: int, *, cap: int = 16,
+                    share: float = 0.5) -> int:
+    """Path points per vmap pass: as many as fit in `share` of the free memory, at most `cap`.
+
+    A point costs VMAP_BYTES_PER_PARAM per parameter plus its activations (forward outputs, kept for the
+    backward pass, about 3x for their gradients): small models get all 16, a model whose points would
+    not fit gets fewer, down to one.
+    """
+    per_point = size * VMAP_BYTES_PER_PARAM + 3 * batch * activation_bytes
+    return max(1, min(int(cap), int(share * free // max(1, per_point))))
+
+
 class Evaluator:
     """Full-split loss and gradient of one model on one split, resident on one device.
 
@@ -75,6 +102,7 @@ class Evaluator:
         self.layout = layout
         self.precision = precision
         self.dtype = torch.float64 if precision == "fp64" else torch.float32
+        self.numpy_dtype = np.float64 if precision == "fp64" else np.float32  # path points arrive in it
         self.batch_size = int(batch_size)
         conv = has_conv(model)
         cuda = self.device.type == "cuda"
@@ -164,6 +192,7 @@ class Evaluator:
         for start in range(0, thetas.shape[0], self.points_per_pass):
             chunk = thetas[start:start + self.points_per_pass].to(self.device, self.dtype)
             loss, grad = self._vmap_pass(chunk) if self.mode == "vmap" else self._loop_pass(chunk)
+            del chunk
             losses.append(loss)
             grads.append(grad)
         assert self.count is not None

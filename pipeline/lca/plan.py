@@ -30,9 +30,23 @@ class Settings:
     max_splits: int
     precision: str
     eval_batch_size: int
+    rtol: float = 0.0  # per-parameter error target (0: none); results from before it existed had none
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+LCA_ROWS_BYTES = 4 << 20  # an output chunk holds at most this many bytes of rows (or one row)
+
+
+def lca_chunk_rows(block: int, size: int) -> int:
+    """Rows per chunk of `lca/<split>`: the largest divisor of `block` whose rows fit LCA_ROWS_BYTES.
+
+    A worker buffers one chunk's rows before writing them, so this bounds its output memory: one row
+    (4 bytes per parameter) for a large model, the whole block for a small one.
+    """
+    fit = max(1, LCA_ROWS_BYTES // max(1, 4 * size))
+    return max(r for r in range(1, block + 1) if block % r == 0 and r <= fit)
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ def array_names(split: str) -> dict[str, str]:
         "residual": f"lca/{prefix}residual",
         "points": f"lca/{prefix}points",
         "splits": f"lca/{prefix}splits",
+        "error": f"lca/{prefix}error",
         "done": f"lca/{prefix}blocks_done",
     }
 
@@ -81,11 +96,12 @@ def _create_arrays(root: zarr.Group, split: str, steps: int, size: int, block: i
     nblocks = -(-steps // block)
     # Dimension names (as in trajectory/) let plain xarray open the group: `xr.open_zarr(store, group="lca")`.
     specs = {
-        "lca": ((steps, size), (block, param_chunk), "float32", float("nan"), ("step", "parameter")),
+        "lca": ((steps, size), (lca_chunk_rows(block, size), param_chunk), "float32", float("nan"), ("step", "parameter")),
         "loss": ((steps + 1,), (block,), "float64", float("nan"), ("checkpoint",)),
         "residual": ((steps,), (block,), "float64", float("nan"), ("step",)),
         "points": ((steps,), (block,), "int32", 0, ("step",)),
         "splits": ((steps,), (block,), "int32", 0, ("step",)),
+        "error": ((steps,), (block,), "float64", float("nan"), ("step",)),
     }
     # The completion record goes first and empty: if planning dies half-way, nothing claims to be done.
     root.create_array(names["done"], shape=(nblocks,), chunks=(1,), dtype="uint8", fill_value=0,
@@ -102,6 +118,8 @@ def plan_split(root: zarr.Group, split: str, *, steps: int, size: int, block: in
     """Create or check the split's arrays and list the blocks still to compute."""
     names = array_names(split)
     existing = dict(root[names["lca"]].attrs) if names["lca"] in root else None
+    if existing is not None and isinstance(existing.get("settings"), dict):
+        existing["settings"] = {"rtol": 0.0, **existing["settings"]}  # stored before rtol existed
     same = existing is not None and existing.get("settings") == settings.to_json() \
         and existing.get("block") == block and existing.get("steps") == steps and names["done"] in root
     if not same or recompute:
@@ -131,9 +149,12 @@ class SplitStats:
     within_tol: float        # fraction of finished steps with |residual| <= tol (NaN residuals count as not)
     points_mean: float
     points_max: int
+    error_median: float = float("nan")  # the per-parameter error estimate (relative L1 per step)
+    error_max: float = float("nan")
+    within_rtol: float = float("nan")   # fraction of finished steps with error <= rtol (NaN: no rtol)
 
 
-def split_stats(root: zarr.Group, split: str, tol: float) -> SplitStats:
+def split_stats(root: zarr.Group, split: str, tol: float, rtol: float = 0.0) -> SplitStats:
     """Statistics over the steps of finished blocks (the completion record, not the values, says which)."""
     names = array_names(split)
     done = np.asarray(root[names["done"]][:]).astype(bool)
@@ -143,22 +164,79 @@ def split_stats(root: zarr.Group, split: str, tol: float) -> SplitStats:
     r = np.abs(np.asarray(root[names["residual"]][:])[mask])
     points = np.asarray(root[names["points"]][:])[mask]
     nan = float("nan")
+    err = np.asarray(root[names["error"]][:])[mask] if names["error"] in root else np.zeros(0)
+    err_ok = err.size and np.isfinite(err).any()
     return SplitStats(
         int(done.sum()), int(done.size), int(mask.sum()),
         float(np.nanmax(r)) if r.size else nan, float(np.nanmean(r)) if r.size else nan,
         float(np.nanmedian(r)) if r.size else nan, float((r <= tol).mean()) if r.size else nan,
         float(points.mean()) if r.size else nan, int(points.max()) if r.size else 0,
+        float(np.nanmedian(err)) if err_ok else nan, float(np.nanmax(err)) if err_ok else nan,
+        float((err <= rtol).mean()) if err_ok and rtol > 0 else nan,
     )
 
 
 def write_block(root: zarr.Group, block: Block, result: BlockResult, steps: int) -> None:
-    """Write one block's rows, then mark it done: the mark is the commit point a rerun trusts."""
-    names = array_names(block.split)
-    s, e = block.start, block.stop
-    root[names["lca"]][s:e] = result.lca
-    # The final checkpoint's loss lives in the last block's chunk, so only the last block writes it.
-    root[names["loss"]][s:e + 1 if e == steps else e] = result.loss if e == steps else result.loss[:-1]
-    root[names["residual"]][s:e] = result.residual
-    root[names["points"]][s:e] = result.points
-    root[names["splits"]][s:e] = result.splits
-    root[names["done"]][block.index] = 1
+    """Write one block's rows (held in `result.lca`), then mark it done."""
+    writer = BlockWriter(root, block, steps)
+    for j, row in enumerate(result.lca):
+        writer.row(j, row)
+    writer.finish(result)
+
+
+class BlockWriter:
+    """Writes one block as its rows arrive, a whole output chunk of rows at a time, then the per-step
+    arrays, then the completion mark: the mark is the commit point a rerun trusts.
+
+    `row(j, lca_row)` takes the block's j-th step in order (the integrator's `on_row` sink); only the
+    rows of the chunk being filled are held, so a block of any length costs one chunk of rows.
+    """
+
+    def __init__(self, root: zarr.Group, block: Block, steps: int, *, concurrency: int | None = None) -> None:
+        self.root, self.block, self.steps = root, block, steps
+        self.concurrency = concurrency  # chunks zarr encodes at once (None: zarr's default)
+        self.names = array_names(block.split)
+        self.array = root[self.names["lca"]]
+        self.chunk_rows = max(1, int(self.array.chunks[0]))
+        self._buf: np.ndarray | None = None
+        self._lo = 0  # absolute step of the buffer's first row
+        self._filled = 0
+        self._written = block.start  # rows [block.start, _written) are in the store
+
+    def row(self, j: int, lca_row: np.ndarray) -> None:
+        t = self.block.start + j
+        if self._buf is None:
+            lo = t - t % self.chunk_rows
+            hi = min(self.block.stop, lo + self.chunk_rows)
+            self._buf, self._lo, self._filled = np.empty((hi - lo, lca_row.shape[0]), np.float32), lo, 0
+        self._buf[t - self._lo] = lca_row
+        self._filled += 1
+        if self._filled == len(self._buf):
+            with zarr.config.set({"async.concurrency": self.concurrency} if self.concurrency else {}):
+                self.array[self._lo:self._lo + len(self._buf)] = self._buf
+            self._written = self._lo + len(self._buf)
+            self._buf = None
+
+    def abort(self) -> None:
+        """Undo a failed block's rows (NaN, as never computed), so a failure leaves nothing half-written."""
+        self._buf = None
+        if self._written > self.block.start:
+            cols = self.array.shape[1]
+            for lo in range(self.block.start, self._written, self.chunk_rows):
+                hi = min(self._written, lo + self.chunk_rows)
+                self.array[lo:hi] = np.full((hi - lo, cols), np.nan, np.float32)
+            self._written = self.block.start
+
+    def finish(self, result: BlockResult) -> None:
+        if self._buf is not None:
+            raise RuntimeError("block finished before all of its rows arrived")
+        names, s, e, steps = self.names, self.block.start, self.block.stop, self.steps
+        root = self.root
+        # The final checkpoint's loss lives in the last block's chunk, so only the last block writes it.
+        root[names["loss"]][s:e + 1 if e == steps else e] = result.loss if e == steps else result.loss[:-1]
+        root[names["residual"]][s:e] = result.residual
+        root[names["points"]][s:e] = result.points
+        root[names["splits"]][s:e] = result.splits
+        if names["error"] in root:  # absent in stores planned before the estimate existed
+            root[names["error"]][s:e] = result.error
+        root[names["done"]][self.block.index] = 1
