@@ -9,6 +9,7 @@ DATA_DIR ?= data
 WORKERS  ?=
 SCHEDULER ?=
 DASHBOARD ?=
+NAME     ?=
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -33,7 +34,7 @@ train: install
 	$(LCA) train $(WORKFLOW) --store $(STORE)
 
 lca: install
-	$(LCA) run $(WORKFLOW) --store $(STORE) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(DASHBOARD),--dashboard-address $(DASHBOARD))
+	$(LCA) run $(WORKFLOW) --store $(STORE) $(if $(WORKERS),--workers $(WORKERS)) $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(if $(DASHBOARD),--dashboard-address $(DASHBOARD)) $(if $(NAME),--name $(NAME))
 
 report: install
 	$(LCA) report $(STORE) --out $(OUT)

@@ -115,7 +115,14 @@ def _compute_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--keep-layers", default=None, metavar="GLOBS",
                      help="Comma-separated globs over tensor/module names (e.g. 'fc3.*'): store per-parameter "
                           "LCA for these layers only."),
-        click.option("--recompute", is_flag=True, help="Recompute blocks already done."),
+        click.option("--name", default=None,
+                     help="Name of the result [default: made of its settings, e.g. rk4-tol1e-07-fp32-n16-eb4096]."),
+        click.option("--recompute", is_flag=True,
+                     help="Compute the result afresh; it replaces the old one only once complete."),
+        click.option("--takeover", is_flag=True,
+                     help="Take over the claim of a compute that stopped renewing it (another host, presumed dead)."),
+        click.option("--worker-timeout", type=float, default=120.0, show_default=True,
+                     help="Seconds with no live Dask worker before the compute stops."),
         click.option("--inline", "executor", flag_value="inline", default="dask",
                      help="Run every block in this process: no Dask cluster, the same numbers."),
     ]
@@ -180,12 +187,28 @@ def run(workflow: str, store: str | None, **kw: Any) -> None:
 
 @main.command()
 @click.argument("store")
+@click.option("--verify", is_flag=True,
+              help="Read every finished block back against its checksums, however large the result.")
 @_user_errors
-def info(store: str) -> None:
-    """Summarise a store: steps, parameters, layers, residuals, evaluations per step, completion."""
+def info(store: str, verify: bool) -> None:
+    """Summarise a store: steps, parameters, every LCA result with its settings, completion and residuals."""
     from pipeline.analysis.dataset import describe
 
-    click.echo(describe(store))
+    click.echo(describe(store, verify=True if verify else None))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--result", default=None, help="Only this result [default: every result of the store].")
+@click.option("--force", is_flag=True, help="Release a claim even though its owner looks alive.")
+@_user_errors
+def unlock(store: str, result: str | None, force: bool) -> None:
+    """Release the claims of computes that died, so that a new compute may write STORE's results."""
+    from pipeline.lca.claims import unlock as release
+    from trajectory_store import open_trajectory
+
+    released = release(open_trajectory(store).group, store, result, force=force)
+    click.echo("\n".join(released) if released else f"no stale claim in {store}")
 
 
 @main.command()
@@ -193,14 +216,15 @@ def info(store: str) -> None:
 @click.option("--out", default=None, help="Output folder [default: reports/<store name>].")
 @click.option("--format", "formats", default="png,svg", show_default=True,
               help="Figure formats, comma-separated: PNG always, plus svg and/or pdf.")
+@click.option("--result", default=None, help="Which LCA result (`lca info` lists them) [default: the latest].")
 @_user_errors
-def report(store: str, out: str | None, formats: str) -> None:
+def report(store: str, out: str | None, formats: str, result: str | None) -> None:
     """Write the paper's figures, summary.json and index.html (one self-contained page) for STORE."""
     from pipeline.analysis.report import parse_formats, write_report
 
     formats_ = parse_formats(formats)  # a bad format fails before any work
     out = out or str(Path("reports") / Path(store.rstrip("/")).stem)
-    write_report(store, out, formats=formats_)
+    write_report(store, out, formats=formats_, result=result)
 
 
 @main.group()

@@ -23,15 +23,25 @@ from .conftest import LCA, ROOT
 pytestmark = pytest.mark.timeout(300)
 
 
-def arrays(store, split="train"):
+def result_path(store, name=None):
+    from pipeline.lca.results import select_result
+
+    return select_result(zarr.open_group(store, mode="r"), name, store).path
+
+
+def arrays(store, split="train", name=None):
     from pipeline.lca.plan import array_names
 
     root = zarr.open_group(store, mode="r")
-    return {k: np.asarray(root[v][:]) for k, v in array_names(split).items()}
+    return {k: np.asarray(root[v][:]) for k, v in array_names(split, result_path(store, name)).items()}
+
+
+def done_flags(store, split="train", name=None):
+    return arrays(store, split, name)["done"]
 
 
 def assert_same(a, b):
-    for key in ("lca", "loss", "residual", "points", "splits", "done"):
+    for key in ("lca", "loss", "residual", "points", "splits", "done", "crc"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key, strict=True)
 
 
@@ -122,11 +132,14 @@ def test_heldout_split_and_rerun_skips_finished_blocks(store_copy):
     ds = open_lca(store)
     assert {"heldout_lca_param", "heldout_lca_layer", "heldout_residual"} <= set(ds.data_vars)
     assert np.all(np.abs(ds["heldout_residual"].values) <= ds.attrs["tol"])
-    # A changed setting must not silently mix with earlier results.
+    # A changed setting under the same name must not silently mix with earlier results.
+    name = again.name
     with pytest.raises(LCAError, match="--recompute"):
-        compute_lca(store, workers=1, tol=1e-6, progress=False)
-    redone = compute_lca(store, workers=1, tol=1e-6, recompute=True, splits=["train"], progress=False)
+        compute_lca(store, workers=1, rule="first-order", name=name, progress=False)
+    redone = compute_lca(store, workers=1, rule="first-order", name=name, recompute=True, splits=["train"],
+                         progress=False)
     assert redone.splits[0].blocks_computed == 3
+    assert open_lca(store, result=name).attrs["rule"] == "first-order"
 
 
 def test_open_lca_view(reference):
@@ -156,9 +169,9 @@ def wait_for_blocks(store, count, proc, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if np.asarray(zarr.open_group(store, mode="r")["lca/blocks_done"][:]).sum() >= count:
+            if done_flags(store).sum() >= count:
                 return
-        except (KeyError, FileNotFoundError, ValueError):
+        except (KeyError, FileNotFoundError, ValueError, LCAError):
             pass
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
@@ -209,7 +222,7 @@ def test_interrupted_client_resumes_to_the_same_result(slow_reference, store_cop
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "run the same command again to resume" in err
-    done = np.asarray(zarr.open_group(store, mode="r")["lca/blocks_done"][:])
+    done = done_flags(store)
     assert 1 <= done.sum() < done.size
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr
@@ -272,8 +285,7 @@ def test_bad_worker_count_and_missing_cuda(store_copy):
     assert "--workers must be at least 1" in one_error_line(run_cli("compute", store, "--workers", "0"))
     if not torch.cuda.is_available():
         assert "CUDA is not available" in one_error_line(run_cli("compute", store, "--device", "cuda"))
-    assert not (Path(store) / "lca").exists() or \
-        not np.asarray(zarr.open_group(store, mode="r")["lca/blocks_done"][:]).any()
+    assert not (Path(store) / "lca").exists() or not done_flags(store).any()
 
 
 def test_not_a_store_and_too_few_checkpoints(tmp_path):
@@ -297,7 +309,6 @@ def test_non_finite_parameters_name_the_step_and_write_nothing_for_that_block(st
     params[21] = row
     line = one_error_line(run_cli("compute", store, "--workers", "1"))
     assert "non-finite parameters at step t=21" in line
-    done = np.asarray(zarr.open_group(store, mode="r")["lca/blocks_done"][:])
+    done = done_flags(store)
     assert done[1] == 0  # the block holding step 21 (steps 16..31) wrote nothing
-    lca = np.asarray(zarr.open_group(store, mode="r")["lca/train"][16:32])
-    assert np.isnan(lca).all()
+    assert np.isnan(arrays(store)["lca"][16:32]).all()

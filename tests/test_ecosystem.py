@@ -26,6 +26,13 @@ from tests.conftest import LCA, ROOT
 pytestmark = pytest.mark.timeout(300)
 
 
+def result_group(store) -> str:
+    """The group holding the store's (only) LCA result: `lca/<name>/r<k>` (docs/ARCHITECTURE.md)."""
+    from pipeline.lca.results import select_result
+
+    return select_result(zarr.open_group(str(store), mode="r"), None, str(store)).path
+
+
 def free_port() -> int:
     import socket
 
@@ -61,7 +68,7 @@ def test_unreachable_tolerance_warns_with_the_share(computed):
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("warning:")]
     m = re.match(r"warning: only (\d+\.\d)% of 48 train steps reached \|residual\| <= tol 1e-12 .*max splits 2", line)
     assert m, line
-    residual = np.abs(np.asarray(zarr.open_group(str(store), mode="r")["lca/residual"][:]))
+    residual = np.abs(np.asarray(zarr.open_group(str(store), mode="r")[f"{result_group(store)}/residual"][:]))
     assert float(m.group(1)) == pytest.approx(100 * (residual <= 1e-12).mean(), abs=0.05)
 
 
@@ -146,7 +153,7 @@ out["arrays"] = {k: list(np.asarray(a[...]).shape) for k, a in walk(root)}
 traj = xr.open_zarr(store, group="trajectory", consolidated=False)
 out["xr_params_sum"] = float(traj["params"].astype("float64").sum())
 out["xr_dims"] = dict(traj.sizes)
-lca = xr.open_zarr(store, group="lca", consolidated=False)
+lca = xr.open_zarr(store, group=sys.argv[2], consolidated=False)
 out["xr_lca_sum"] = float(lca["train"].astype("float64").sum())
 print(json.dumps(out))
 """
@@ -157,7 +164,8 @@ def test_plain_zarr_and_xarray_read_every_array_in_a_fresh_interpreter(computed,
 
     store, _, _ = computed
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(store)], cwd=tmp_path, capture_output=True,
+    group = result_group(store)
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(store), group], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
@@ -166,10 +174,10 @@ def test_plain_zarr_and_xarray_read_every_array_in_a_fresh_interpreter(computed,
     assert out["params_sum"] == pytest.approx(params.sum(), rel=1e-12)
     assert out["xr_params_sum"] == pytest.approx(params.sum(), rel=1e-12)
     assert {"trajectory/params", "trajectory/lr", "trajectory/minibatch_loss", "trajectory/batch_indices",
-            "lca/train", "lca/loss", "lca/residual", "lca/points", "lca/splits", "lca/blocks_done"} <= \
-        set(out["arrays"])
+            *(f"{group}/{k}" for k in ("train", "loss", "residual", "points", "splits", "blocks_done",
+                                       "blocks_crc"))} <= set(out["arrays"])
     assert out["xr_dims"]["checkpoint"] == 49 and out["xr_dims"]["parameter"] == 12060
-    lca = np.asarray(zarr.open_group(str(store), mode="r")["lca/train"][:], dtype=np.float64)
+    lca = np.asarray(zarr.open_group(str(store), mode="r")[f"{group}/train"][:], dtype=np.float64)
     assert out["xr_lca_sum"] == pytest.approx(lca.sum(), rel=1e-9)
 
 
@@ -212,7 +220,7 @@ def test_tensor_in_its_own_shape(computed):
     spec = next(t for t in layout.tensors if t.name.endswith("weight"))
     got = ds.lca.tensor(spec.name, 5)
     assert got.shape == tuple(spec.shape) and got.dims[0] == "unit"
-    flat = np.asarray(zarr.open_group(str(computed[0]), mode="r")["lca/train"][5])
+    flat = np.asarray(zarr.open_group(str(computed[0]), mode="r")[f"{result_group(computed[0])}/train"][5])
     np.testing.assert_array_equal(got.values, flat[spec.offset:spec.offset + spec.size].reshape(spec.shape))
     total = ds.lca.tensor(spec.name)
     np.testing.assert_allclose(total.values.sum(), float(ds.lca_layer.sel(layer=spec.name).sum()), rtol=1e-6)
@@ -229,14 +237,15 @@ def partial(computed, tmp_path):
     store = tmp_path / "partial.zarr"
     shutil.copytree(computed[0], store)
     root = zarr.open_group(str(store), mode="r+")
-    root["lca/blocks_done"][1] = 0
-    root["lca/train"][16:32] = np.nan
-    root["lca/residual"][16:32] = np.nan
+    group = result_group(store)
+    root[f"{group}/blocks_done"][1] = 0
+    root[f"{group}/train"][16:32] = np.nan
+    root[f"{group}/residual"][16:32] = np.nan
     return store
 
 
 def test_partial_result_warns_on_open_with_the_count(partial):
-    with pytest.warns(IncompleteResultWarning, match=r"16 of 48 iterations of lca/train not computed"):
+    with pytest.warns(IncompleteResultWarning, match=r"16 of 48 iterations of train \(result .*\) not computed"):
         ds = open_lca(str(partial))
     assert int((~ds["complete"]).sum()) == 16 and ds.attrs["iterations_missing"] == 16
 
@@ -269,9 +278,10 @@ def partial_report(computed, tmp_path_factory):
     store = base / "partial.zarr"
     shutil.copytree(computed[0], store)
     root = zarr.open_group(str(store), mode="r+")
-    root["lca/blocks_done"][1] = 0
-    root["lca/train"][16:32] = np.nan
-    root["lca/residual"][16:32] = np.nan
+    group = result_group(store)
+    root[f"{group}/blocks_done"][1] = 0
+    root[f"{group}/train"][16:32] = np.nan
+    root[f"{group}/residual"][16:32] = np.nan
     out = base / "report"
     proc = subprocess.run(LCA + ["report", str(store), "--out", str(out), "--format", "png,pdf"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -398,7 +408,7 @@ def test_tensorboard_export_reads_back(computed, tmp_path):
     layers = [str(n) for n in ds.layer.values]
     assert {f"lca_layer/{n}" for n in layers} | {f"helped_fraction/{n}" for n in layers} | \
         {"helped_fraction/all", "loss/train"} <= set(tags["scalars"])
-    lca = np.asarray(zarr.open_group(str(store), mode="r")["lca/train"][:], dtype=np.float64)
+    lca = np.asarray(zarr.open_group(str(store), mode="r")[f"{result_group(store)}/train"][:], dtype=np.float64)
     for t in ds.layer.values.tolist():
         i = layers.index(t)
         off, size = int(ds.layer_offset[i]), int(ds.layer_size[i])

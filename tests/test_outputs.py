@@ -26,11 +26,13 @@ def compute_here(store, *, block=None, recompute=False, **overrides):
         torch.set_num_threads(threads)
 
 
-def stored(store):
+def stored(store, name=None):
     from pipeline.lca.plan import array_names
+    from pipeline.lca.results import select_result
 
     root = zarr.open_group(store, mode="r")
-    return {k: np.asarray(root[v][:]) for k, v in array_names("train").items() if v in root}
+    path = select_result(root, name, store).path
+    return {k: np.asarray(root[v][:]) for k, v in array_names("train", path).items() if v in root}
 
 
 def sum_bound(values, axis):
@@ -162,32 +164,34 @@ def test_bad_keep_settings_are_one_line_and_write_nothing(store_copy):
     assert "lca" not in zarr.open_group(store, mode="r")
     with pytest.raises(WorkflowError, match="keep"):
         load_workflow(ROOT / "workflows" / "digits-fc.toml").replace(lca={"keep": "neuron"})
-    compute_here(store, keep="unit")
+    compute_here(store, keep="unit", name="k")
     with pytest.raises(LCAError, match="keep='unit'.*--recompute"):
-        compute_here(store, keep="parameter")
-    compute_here(store, keep="parameter", recompute=True)
-    assert "lca" in stored(store)
-    compute_here(store, keep="layer", recompute=True)  # keeping less removes the finer arrays
-    assert "lca" not in stored(store) and "unit" not in stored(store)
+        compute_here(store, keep="parameter", name="k")
+    compute_here(store, keep="parameter", recompute=True, name="k")
+    assert "lca" in stored(store, "k")
+    compute_here(store, keep="layer", recompute=True, name="k")  # keeping less leaves no finer arrays
+    assert "lca" not in stored(store, "k") and "unit" not in stored(store, "k")
 
 
 def test_stores_from_before_unit_and_layer_arrays_still_open(full, store_copy):
-    """An older result has only `lca/train` (with the attributes): open_lca sums it lazily; more compute
-    on it asks for --recompute instead of writing into arrays that are not there."""
+    """An older (format-1) result has only `lca/train` (with the attributes): open_lca sums it lazily; a
+    compute adds a named result beside it instead of writing into arrays that are not there."""
     import shutil
     from pathlib import Path
 
     from pipeline import open_lca
+    from pipeline.lca.results import select_result
 
     store = store_copy("old.zarr")
     shutil.rmtree(Path(store) / "lca", ignore_errors=True)
-    shutil.copytree(Path(full) / "lca", Path(store) / "lca")
+    version = select_result(zarr.open_group(full, mode="r"), None, full).path
+    shutil.copytree(Path(full) / version, Path(store) / "lca")
     root = zarr.open_group(store, mode="a")
-    del root["lca/layer"], root["lca/unit"]
+    del root["lca/layer"], root["lca/unit"], root["lca/blocks_crc"]
     ds, ref = open_lca(store), open_lca(full)
-    assert "lca_unit" not in ds and ds.attrs["tol"] == ref.attrs["tol"]
+    assert ds.attrs["result"] == "lca" and "lca_unit" not in ds and ds.attrs["tol"] == ref.attrs["tol"]
     np.testing.assert_allclose(ds["lca_layer"].values, ref["lca_layer"].values, rtol=0,
                                atol=1e-12 * float(np.abs(ref["lca_layer"].values).max()))
     np.testing.assert_allclose(ds.lca.unit_totals().values, ref.lca.unit_totals().values, rtol=1e-9)
-    with pytest.raises(LCAError, match="before per-unit and per-layer arrays.*--recompute"):
-        compute_here(store)
+    compute_here(store)
+    assert "lca_unit" in open_lca(store) and "lca_unit" not in open_lca(store, result="lca")

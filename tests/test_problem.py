@@ -23,6 +23,7 @@ from pipeline import Problem, compute_lca, load_workflow, open_lca
 from pipeline.errors import LCAError, ProblemError, WorkflowError
 from pipeline.lca.evaluate import Evaluator
 from pipeline.lca.plan import array_names
+from pipeline.lca.results import select_result
 from trajectory_store import ParamLayout, TrajectoryWriter, open_trajectory
 
 from . import own_problem
@@ -116,7 +117,7 @@ def reference_grad_fn(model_factory, kind, split, eval_batch, frozen=None):
 def check_against_reference(store, model_factory, kind, split, eval_batch, steps=(0, 5), frozen=None):
     """Per-parameter LCA of some steps vs composite Simpson on the float64 reference; conservation on all."""
     root = zarr.open_group(str(store), mode="r")
-    names = array_names("train")
+    names = array_names("train", select_result(root, None, str(store)).path)
     lca = np.asarray(root[names["lca"]][:])
     loss = np.asarray(root[names["loss"]][:])
     residual = np.asarray(root[names["residual"]][:])
@@ -280,8 +281,11 @@ def test_inline_executor_is_bit_identical_to_dask(tmp_path):
     compute_lca(str(tmp_path / "a.zarr"), executor="inline", threads_per_worker=1, progress=False)
     compute_lca(str(tmp_path / "b.zarr"), workers=1, threads_per_worker=1, progress=False)
     a, b = (zarr.open_group(str(tmp_path / n), mode="r") for n in ("a.zarr", "b.zarr"))
-    for key, name in array_names("train").items():
-        np.testing.assert_array_equal(np.asarray(a[name][:]), np.asarray(b[name][:]), err_msg=key, strict=True)
+    paths = [array_names("train", select_result(g, None, "").path) for g in (a, b)]
+    assert paths[0].keys() == paths[1].keys()
+    for key in paths[0]:
+        np.testing.assert_array_equal(np.asarray(a[paths[0][key]][:]), np.asarray(b[paths[1][key]][:]), err_msg=key,
+                                      strict=True)
 
 
 @pytest.mark.slow

@@ -97,13 +97,14 @@ def test_no_lca_yet_is_a_one_line_error(tmp_path, case):
 def test_write_report_opens_the_store(tmp_path, monkeypatch):
     opened = []
 
-    def fake_open(path):
-        opened.append(path)
+    def fake_open(path, result=None, verify=None):
+        opened.append((path, result, verify))
         return training_like(t=40)
 
     monkeypatch.setattr(pipeline.analysis.dataset, "open_lca", fake_open)
-    s = write_report("runs/x.zarr", str(tmp_path / "out"))
-    assert opened == ["runs/x.zarr"] and s["steps"] == 40
+    s = write_report("runs/x.zarr", str(tmp_path / "out"), result="fo")
+    # The report reads every block back against its checksums before drawing anything.
+    assert opened == [("runs/x.zarr", "fo", True)] and s["steps"] == 40
     assert (tmp_path / "out" / "summary.json").exists()
 
 

@@ -17,19 +17,22 @@ import xarray as xr
 
 from pipeline.errors import IncompleteResultError, IncompleteResultWarning, LCAError
 from pipeline.lca.outputs import OutputSpec, UnitMap
-from pipeline.lca.plan import array_names, has_result, result_meta, split_prefix, split_stats
+from pipeline.lca.plan import (array_names, computed_splits, describe_damage, result_meta, split_prefix, split_stats,
+                               verify_split)
+from pipeline.lca.results import list_results, select_result
 
 
-def _split_variables(root: Any, split: str, layout: Any, steps: int, block: int) -> tuple[dict[str, tuple], Any]:
+def _split_variables(root: Any, result: str, split: str, layout: Any, steps: int,
+                     block: int) -> tuple[dict[str, tuple], Any]:
     """One split's variables (whatever the result kept), and the global columns its per-parameter LCA covers
     (None: not kept)."""
-    names = array_names(split)
+    names = array_names(split, result)
     prefix = split_prefix(split)
     variables: dict[str, tuple] = {}
     columns = None
     if names["lca"] in root:
         lca = da.from_zarr(root[names["lca"]])
-        kept = (result_meta(root, split).attrs.get("outputs") or {}).get("kept_layers")
+        kept = (result_meta(root, split, result).attrs.get("outputs") or {}).get("kept_layers")
         # Stores from before per-unit outputs kept every parameter; a glob keeps a subset of the tensors.
         spec = OutputSpec.build(layout, "unit", kept) if kept is not None and len(kept) < len(layout) else None
         columns = spec.kept_columns() if spec is not None else np.arange(layout.size)
@@ -58,25 +61,27 @@ def _split_variables(root: Any, split: str, layout: Any, steps: int, block: int)
     return variables, columns
 
 
-def _complete(root: Any, split: str, steps: int, block: int) -> np.ndarray:
+def _complete(root: Any, result: str, split: str, steps: int, block: int) -> np.ndarray:
     """Per iteration: is its block recorded as done (the completion record, not a scan for NaN)."""
-    flags = np.asarray(root[array_names(split)["done"]][:]).astype(bool)
+    flags = np.asarray(root[array_names(split, result)["done"]][:]).astype(bool)
     return np.repeat(flags, block)[:steps] if flags.size else np.zeros(steps, dtype=bool)
 
 
-def computed_splits(root: Any) -> list[str]:
-    return [s for s in ("train", "heldout") if has_result(root, s)]
+def open_lca(path: str, result: str | None = None, *, incomplete: str = "warn",
+             verify: bool | None = None) -> xr.Dataset:
+    """Open one LCA result of a store as a lazy Dataset (dims iteration, parameter, layer).
 
-
-def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
-    """Open a store's LCA as a lazy Dataset (dims iteration, parameter, layer); see docs/ARCHITECTURE.md.
+    `result` names it (`lca info` lists them); by default the only one, else the most recently started.
+    A block marked done whose chunks are missing or fail their checksums is refused with one line naming
+    it (`lca compute` redoes it); `verify` reads every block back against its checksums (default: when the
+    result is at most 1 GiB; otherwise only that its chunks exist).
 
     A result still being computed has NaN rows, which xarray's reductions skip by default; so a partial
     result never opens silently. `incomplete`: "warn" (default: an `IncompleteResultWarning` with the count
     of missing iterations; the `complete` coordinate marks the finished ones and `ds.lca` analyses refuse
     the result until it is whole or narrowed with `ds.lca.completed()`), "raise" (an
     `IncompleteResultError`), or "drop" (only the finished iterations, with a warning saying how many
-    were left out).
+    were left out). See docs/ARCHITECTURE.md for the variables.
     """
     from trajectory_store import open_trajectory
 
@@ -84,18 +89,22 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
         raise LCAError(f"incomplete must be 'warn', 'raise' or 'drop', not {incomplete!r}")
     reader = open_trajectory(path)
     root, layout = reader.group, reader.layout
-    splits = computed_splits(root)
+    ref = select_result(root, result, str(path))
+    splits = computed_splits(root, ref.path)
     if not splits:
-        raise LCAError(f"{path} has no LCA yet; compute it with `lca compute {path}` (or `make lca`)")
-    steps = int(root[array_names(splits[0])["residual"]].shape[0])
+        raise LCAError(f"{path}: LCA result {ref.name!r} holds no split yet; compute it with `lca compute {path}`")
+    steps = int(root[array_names(splits[0], ref.path)["residual"]].shape[0])
     variables: dict[str, tuple] = {}
     complete: dict[str, tuple] = {}
     done, total = 0, 0
     columns = None
     for split in splits:
-        lca_attrs = result_meta(root, split).attrs
-        block = int(lca_attrs.get("block", steps) or steps) or 1
-        split_vars, cols = _split_variables(root, split, layout, steps, block)
+        problems = verify_split(root, ref.path, split, deep=verify)
+        if problems:
+            raise LCAError(f"{path}, result {ref.name!r}: {describe_damage(split, problems, ref.block, steps)}; "
+                           f"run `lca compute {path}` to recompute them")
+        block = int(root[array_names(split, ref.path)["residual"]].chunks[0]) or 1
+        split_vars, cols = _split_variables(root, ref.path, split, layout, steps, block)
         if cols is not None and columns is not None and not np.array_equal(cols, columns):
             # One `parameter` dim per dataset: a split that kept other layers shows its sums only.
             warnings.warn(f"{split} LCA kept per-parameter values of other layers than "
@@ -104,10 +113,10 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
         elif cols is not None:
             columns = cols
         variables.update(split_vars)
-        flags = np.asarray(root[array_names(split)["done"]][:])
+        flags = np.asarray(root[array_names(split, ref.path)["done"]][:])
         done, total = done + int(flags.sum()), total + flags.size
-        complete[f"{split_prefix(split)}complete"] = ("iteration", _complete(root, split, steps, block))
-    settings = dict(result_meta(root, splits[0]).attrs.get("settings", {}))
+        complete[f"{split_prefix(split)}complete"] = ("iteration", _complete(root, ref.path, split, steps, block))
+    settings = ref.settings
     units = UnitMap.from_layout(layout)
     coords = {
         "iteration": np.arange(steps),
@@ -131,6 +140,7 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
     # Plain str / int / float attributes only, so to_netcdf and to_zarr store them as they are.
     attrs = {
         "store": str(path),
+        "result": ref.name,
         "rule": str(settings.get("rule", "")),
         "tol": float(settings.get("tol", np.nan)),
         "precision": str(settings.get("precision", "")),
@@ -148,7 +158,7 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
         attrs["problem"] = problem if isinstance(problem, str) else json.dumps(problem)
     ds = xr.Dataset(variables, coords=coords, attrs=attrs)
     if any(missing.values()):
-        what = ", ".join(f"{n} of {steps} iterations of lca/{s}" for s, n in missing.items() if n)
+        what = ", ".join(f"{n} of {steps} iterations of {s} (result {ref.name})" for s, n in missing.items() if n)
         hint = f"finish it with `lca compute {path}`"
         if incomplete == "raise":
             raise IncompleteResultError(f"{path} is incomplete: {what} not computed yet; {hint}")
@@ -164,8 +174,9 @@ def open_lca(path: str, incomplete: str = "warn") -> xr.Dataset:
     return ds
 
 
-def _problem_lines(reader: Any, root: Any, splits: list[str]) -> list[str]:
-    """What L is: the recorded problem (model, data, loss by reference) and the data's fingerprints."""
+def _problem_lines(reader: Any, root: Any, refs: list[Any]) -> list[str]:
+    """What L is: the recorded problem (model, data, loss by reference) and the data's fingerprints, and
+    the problem each result was computed with where it differs from the recorded one."""
     from pipeline.problem.definition import Problem
 
     lines = []
@@ -174,16 +185,17 @@ def _problem_lines(reader: Any, root: Any, splits: list[str]) -> list[str]:
         lines.extend("  " + line for line in Problem.from_json(reader.problem).describe())
     else:
         lines.append("problem     not recorded (compute needs --workflow FILE or --model/--data)")
-    for split in splits:
-        used = result_meta(root, split).attrs.get("problem")
-        if isinstance(used, dict) and (not reader.problem or used != reader.problem):
-            p = Problem.from_json(used)
-            lines.append(f"lca/{split:<7} computed with model {p.model}, data {p.data}, loss {p.loss}, "
-                         f"fingerprint {p.fingerprints.get(split, '?')}")
+    for ref in refs:
+        for split in computed_splits(root, ref.path):
+            used = result_meta(root, split, ref.path).attrs.get("problem")
+            if isinstance(used, dict) and (not reader.problem or used != reader.problem):
+                p = Problem.from_json(used)
+                lines.append(f"{ref.name}/{split} computed with model {p.model}, data {p.data}, loss {p.loss}, "
+                             f"fingerprint {p.fingerprints.get(split, '?')}")
     return lines
 
 
-def describe(path: str) -> str:
+def describe(path: str, *, verify: bool | None = None) -> str:
     """`lca info`: what a store holds and how well its LCA conserves the loss, in a dozen lines."""
     from trajectory_store import open_trajectory
 
@@ -207,25 +219,38 @@ def describe(path: str) -> str:
 
     lines += describe_interventions(reader.attrs.get("interventions"))
     root = reader.group
-    splits = computed_splits(root)
-    lines.extend(_problem_lines(reader, root, splits))
-    if not splits:
+    refs = list_results(root)
+    lines.extend(_problem_lines(reader, root, refs))
+    if not refs:
         lines.append(f"lca         not computed yet: run `lca compute {path}`")
-    for split in splits:
-        settings = result_meta(root, split).attrs.get("settings", {})
-        tol = float(settings.get("tol", np.inf))
-        st = split_stats(root, split, tol)
-        lines.append(f"lca/{split:<7} {st.blocks_done}/{st.blocks_total} blocks done "
-                     f"({100 * st.blocks_done / st.blocks_total:.0f}%); rule {settings.get('rule')}, "
-                     f"tol {settings.get('tol')}, {settings.get('precision')}")
-        kept = result_meta(root, split).attrs.get("outputs")
-        if kept:
-            per_param = ("every tensor" if len(kept["kept_layers"]) == len(layout) else
-                         ", ".join(kept["kept_layers"]) or "none")
-            lines.append(f"  keeps     per-layer{'' if kept['keep'] == 'layer' else ', per-unit'} LCA; "
-                         f"per-parameter for {per_param}")
-        if st.steps_done:
-            lines.append(f"  residual  |r| max {st.residual_abs_max:.3e}, mean {st.residual_abs_mean:.3e}, "
-                         f"median {st.residual_abs_median:.3e}; {100 * st.within_tol:.1f}% of steps within tol")
-            lines.append(f"  points    {st.points_mean:.3f} gradient evaluations per step (max {st.points_max})")
+    for ref in refs:
+        s = ref.settings
+        default = "  (default)" if ref is refs[-1] and len(refs) > 1 else ""
+        lines.append(f"result {ref.name}{default}: rule {s.get('rule')}, tol {s.get('tol')}, {s.get('precision')}, "
+                     f"max splits {s.get('max_splits')}, eval batch {s.get('eval_batch_size')}"
+                     + (f"; started {ref.created[:19]}" if ref.created else "; format-1 store"))
+        for split in computed_splits(root, ref.path):
+            lines += _describe_split(root, ref, split, verify, layout)
     return "\n".join(lines)
+
+
+def _describe_split(root: Any, ref: Any, split: str, verify: bool | None, layout: Any) -> list[str]:
+    tol = float(ref.settings.get("tol", np.inf))
+    problems = verify_split(root, ref.path, split, deep=verify)
+    st = split_stats(root, ref.path, split, tol, exclude=problems)
+    lines = [f"  {split:<9} {st.blocks_done}/{st.blocks_total} blocks done ({100 * st.blocks_done / st.blocks_total:.0f}%)"]
+    if problems:
+        steps = int(root[array_names(split, ref.path)["residual"]].shape[0])
+        lines.append(f"  damaged   {describe_damage(split, problems, ref.block, steps)}; "
+                     f"`lca compute` recomputes them")
+    kept = result_meta(root, split, ref.path).attrs.get("outputs")
+    if kept:
+        per_param = ("every tensor" if len(kept["kept_layers"]) == len(layout) else
+                     ", ".join(kept["kept_layers"]) or "none")
+        lines.append(f"  keeps     per-layer{'' if kept['keep'] == 'layer' else ', per-unit'} LCA; "
+                     f"per-parameter for {per_param}")
+    if st.steps_done:
+        lines.append(f"  residual  |r| max {st.residual_abs_max:.3e}, mean {st.residual_abs_mean:.3e}, "
+                     f"median {st.residual_abs_median:.3e}; {100 * st.within_tol:.1f}% of steps within tol")
+        lines.append(f"  points    {st.points_mean:.3f} gradient evaluations per step (max {st.points_max})")
+    return lines

@@ -38,11 +38,14 @@ FORMATS = ("png", "svg", "pdf")  # PNG always; SVG / PDF beside it for print (`l
 DPI = 200
 
 
-def write_report(store: str, out: str, formats: Sequence[str] = ("png", "svg")) -> dict[str, Any]:
-    """Open STORE's LCA and write the report into OUT; returns the summary (also `OUT/summary.json`)."""
+def write_report(store: str, out: str, formats: Sequence[str] = ("png", "svg"),
+                 result: str | None = None) -> dict[str, Any]:
+    """Open STORE's LCA result (by default the latest) and write the report into OUT; returns the summary
+    (also `OUT/summary.json`). Every block is read back against its checksums first, so a damaged chunk is
+    named in one line instead of failing deep inside a figure."""
     from pipeline.analysis.dataset import open_lca
 
-    return build_report(open_lca(store), out, formats=formats)
+    return build_report(open_lca(store, result, verify=True), out, formats=formats)
 
 
 def parse_formats(text: str | Sequence[str]) -> tuple[str, ...]:

@@ -99,7 +99,7 @@ def _compute_here(store: Path, keep: str):
     from pipeline.lca.compute import compute_lca
 
     return compute_lca(str(store), executor="inline", keep=keep, threads_per_worker=1, recompute=True,
-                       progress=False).splits[0].stats
+                       name=f"scale-{keep}", progress=False).splits[0].stats
 
 
 def bench_scale_run(plan: Plan, device: torch.device, scratch: Path) -> list[dict[str, Any]]:
@@ -121,7 +121,6 @@ def bench_scale_run(plan: Plan, device: torch.device, scratch: Path) -> list[dic
     train_s = time.perf_counter() - t0
     reader = open_trajectory(str(store))
     params = reader.layout.size
-    names = array_names("train")
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
         if size["workers"]:
@@ -136,20 +135,24 @@ def bench_scale_run(plan: Plan, device: torch.device, scratch: Path) -> list[dic
         for keep in ("unit", "parameter"):
             settings = resolve_settings(wf, keep=keep)
             problem, _, stored = resolve_problem(reader, None)
-            problem = check_problem(reader, problem, stored, ["train"], settings, recompute=True)
+            problem = check_problem(reader, problem, stored, ["train"], settings, recompute=True,
+                                    name=f"scale-{keep}")
             spec = TaskSpec(store=str(store), created=str(reader.attrs.get("created", "")),
-                            problem=problem.to_json(), settings=settings.to_json(), device=device.type, threads=1,
-                            module_roots=tuple(problem.module_roots()))
+                            problem=problem.to_json(), settings=settings.to_json(), result="", name="", token="",
+                            device=device.type, threads=1, module_roots=tuple(problem.module_roots()))
             base = client.run(_baseline, spec)
             t0 = time.perf_counter()
             if cluster is not None:
                 st = compute_lca(str(store), scheduler=cluster.scheduler_address, device=device.type, keep=keep,
-                                 threads_per_worker=1, recompute=True, progress=False).splits[0].stats
+                                 threads_per_worker=1, recompute=True, name=f"scale-{keep}",
+                                 progress=False).splits[0].stats
             else:
                 st = _compute_here(store, keep)
             lca_s = time.perf_counter() - t0
             peak = client.run(_peak)
             above = max(peak[w] - base[w] for w in base)
+            result = open_trajectory(str(store)).group[f"lca/scale-{keep}"].attrs["current"]
+            names = array_names("train", f"lca/scale-{keep}/{result}")
             out_mb = _dir_mb(store, [names[k] for k in ("lca", "unit", "layer", "loss", "residual", "points",
                                                         "splits", "done")])
             rows.append({

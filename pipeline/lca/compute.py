@@ -26,9 +26,13 @@ from typing import Any, Iterator, Sequence
 
 from pipeline.config import Workflow
 from pipeline.errors import LCAError, ProblemError
-from pipeline.lca.plan import Settings, SplitStats, array_names, plan_split, result_meta, split_stats
+from pipeline.lca.claims import Claim, Guard, acquire
+from pipeline.lca.plan import (Settings, SplitStats, describe_damage, ensure_result_group, finish_result,
+                               plan_result, result_meta, split_stats, stored_threads)
+from pipeline.lca.results import GROUP, default_name, list_results, result_attrs, valid_version, validate_name
 from pipeline.lca.worker import TaskSpec, release, run_block
 from pipeline.problem.definition import LossSpec, Problem, Ref, check_fingerprint
+from trajectory_store.location import check_inside, locate
 
 EXECUTORS = ("dask", "inline")
 
@@ -61,6 +65,16 @@ def dashboard_bind(address: str | None) -> str:
     return f"{host}:{int(port)}"
 
 
+WORKER_TIMEOUT_S = 120.0  # how long a compute waits with no live worker before it gives up
+
+
+def absolute_store(store: str) -> str:
+    """A local path made absolute (symlinks kept, as the user named them); a URL unchanged."""
+    if "://" in store:
+        return store
+    return os.path.abspath(os.path.expanduser(store))
+
+
 @dataclass
 class SplitSummary:
     split: str
@@ -73,16 +87,19 @@ class SplitSummary:
 class ComputeSummary:
     store: str
     settings: Settings
+    name: str = ""
     splits: list[SplitSummary] = field(default_factory=list)
     seconds: float = 0.0
     workers: int = 0
     devices: list[str] = field(default_factory=list)
+    threads: list[int] = field(default_factory=list)  # torch threads the workers ran with (distinct values)
     dashboard: str | None = None
 
     def __str__(self) -> str:
         s = self.settings
         kept = f", keep {s.keep}" + (f" + {','.join(s.keep_layers)}" if s.keep_layers else "")
-        lines = [f"LCA ({s.rule}, tol {s.tol:g}, max splits {s.max_splits}, {s.precision}{kept}) for {self.store}"]
+        lines = [f"LCA result {self.name!r} ({s.rule}, tol {s.tol:g}, max splits {s.max_splits}, {s.precision}{kept}) "
+                 f"for {self.store}"]
         for sp in self.splits:
             st = sp.stats
             steps_per_s = sp.steps * sp.blocks_computed / max(st.blocks_total, 1) / self.seconds \
@@ -93,9 +110,11 @@ class ComputeSummary:
                 f"{st.residual_abs_mean:.2e}; {100 * st.within_tol:.1f}% within tol; "
                 f"{st.points_mean:.3f} gradient evaluations per step")
         if self.workers:
-            lines.append(f"  {self.workers} worker(s) on {', '.join(sorted(set(self.devices))) or 'n/a'}, "
+            threads = f" x {'/'.join(map(str, self.threads))} thread(s)" if self.threads else ""
+            lines.append(f"  {self.workers} worker(s){threads} on {', '.join(sorted(set(self.devices))) or 'n/a'}, "
                          f"{self.seconds:.1f} s" + (f"; dashboard was at {self.dashboard}" if self.dashboard else ""))
-        lines.append(f"dataset: pipeline.open_lca({self.store!r})  (summary: lca info {self.store})")
+        lines.append(f"dataset: pipeline.open_lca({self.store!r}, result={self.name!r})  "
+                     f"(summary: lca info {self.store})")
         return "\n".join(lines)
 
 
@@ -151,6 +170,9 @@ def compute_lca(
     keep: str | None = None,
     keep_layers: Sequence[str] | None = None,
     recompute: bool = False,
+    name: str | None = None,
+    takeover: bool = False,
+    worker_timeout: float = WORKER_TIMEOUT_S,
     block_steps: int | None = None,
     workflow: Workflow | None = None,
     model: Any = None,
@@ -168,11 +190,14 @@ def compute_lca(
     (a kind or a factory); these also override single parts of a recorded problem. Data whose fingerprint
     differs from the store's, a model whose parameters differ from its layout, or another loss is refused
     before anything is written. `executor="inline"` runs every block in this process instead of on a Dask
-    cluster (same numbers; `workers` and `scheduler` do not apply). Blocks already done under the same
-    settings are skipped unless `recompute`.
+    cluster (same numbers; `workers` and `scheduler` do not apply). The result is stored under `name` (by
+    default a name made of its settings), beside results computed under other settings. Blocks already done
+    under the same settings are skipped; with `recompute` the result is computed afresh and replaces the old
+    one only once it is complete.
     A local cluster listens on loopback only; its dashboard link is printed (with `progress`) and kept in
     the summary; `dashboard_address` ("PORT", "HOST:PORT") fixes where it listens. Steps that end outside
-    the tolerance even at `max_splits` give a `ToleranceWarning` with their share.
+    the tolerance even at `max_splits` give a `ToleranceWarning` with their share. With no live worker for
+    `worker_timeout` seconds the compute stops with one line.
     `keep` ("parameter", "unit" or "layer") is the finest LCA stored; per-layer sums are always stored, per-unit
     sums unless keep="layer". `keep_layers` (globs over tensor or module names) stores per-parameter LCA for
     the matching layers only.
@@ -197,7 +222,12 @@ def compute_lca(
     if executor == "inline" and scheduler:
         raise LCAError("--scheduler runs on a Dask cluster; drop it or --inline")
 
+    if worker_timeout <= 0 or worker_timeout != worker_timeout:
+        raise LCAError(f"--worker-timeout must be a positive number of seconds, got {worker_timeout}")
+    # Workers run elsewhere, in other working directories: they must get the path the client means.
+    store = absolute_store(store)
     reader = open_trajectory(store)
+    created = str(reader.attrs.get("created", ""))
     if reader.num_checkpoints < 2:
         raise LCAError(f"{store} holds {reader.num_checkpoints} checkpoint(s); LCA needs at least two "
                        f"(a run of at least one recorded step)")
@@ -207,50 +237,72 @@ def compute_lca(
                                 eval_batch_size=eval_batch_size, splits=list(splits) if splits else None,
                                 keep=keep, keep_layers=list(keep_layers) if keep_layers is not None else None)
     split_names = list(splits) if splits else list(settings_workflow.lca.splits)
+    name = validate_name(name or default_name(settings.to_json()))
     # Everything that could make L the wrong function is checked here, before anything is written.
-    problem = check_problem(reader, problem, stored, split_names, settings, recompute=recompute)
+    problem = check_problem(reader, problem, stored, split_names, settings, recompute=recompute, name=name)
 
     block = block_steps or reader.chunk_steps
-    plans = [plan_split(reader.group, s, steps=reader.num_steps, layout=reader.layout, block=block,
-                        settings=settings, recompute=recompute)
-             for s in split_names]
-    for s in split_names:  # what L was, beside the results: `lca info` shows it, a resume checks it
-        result_meta(reader.group, s).attrs["problem"] = problem.to_json()
-    pending = [b for p in plans for b in p.pending]
-    summary = ComputeSummary(store, settings)
-    t0 = time.perf_counter()
-    if pending:
-        unguarded = _unguarded_main() if executor == "dask" and not scheduler else None
-        if unguarded:
-            print(f"note: {unguarded} has no `if __name__ == \"__main__\":` guard, so Dask worker processes "
-                  f"(which re-import it) cannot start; computing in this process instead (put the script's "
-                  f"code under that guard to use workers)", file=sys.stderr, flush=True)
-            executor = "inline"
+    from pipeline.lca.outputs import OutputSpec
+
+    OutputSpec.build(reader.layout, settings.keep, settings.keep_layers)  # a bad keep or glob: before any write
+    # Whatever the store holds, results are written (and old versions deleted) only inside its folder.
+    check_inside(locate(store), GROUP)
+    unguarded = _unguarded_main() if executor == "dask" and not scheduler else None
+    if unguarded:
+        executor = "inline"
+    ensure_result_group(reader.group, name)
+    claim, note = acquire(reader.group, name, store, settings.to_json(), takeover=takeover)
+    with claim:
+        if note and progress:
+            print(f"note: {note}", flush=True)
         cuda_here = torch.cuda.is_available() and device != "cpu"
-        if executor == "inline":
-            n = 1
-            threads = threads_per_worker or torch.get_num_threads()
-        else:
-            n = workers or default_workers(cuda_here)
-            threads = threads_per_worker or (None if scheduler else max(1, (os.cpu_count() or 1) // n))
-        spec = TaskSpec(store=store, created=str(reader.attrs.get("created", "")), problem=problem.to_json(),
-                        settings=settings.to_json(), device=device, threads=threads,
-                        module_roots=tuple(problem.module_roots()))
-        if executor == "inline":
-            summary.workers = 1
-            results = _run_inline(spec, pending, reader.num_steps, progress)
-        else:
-            with _client(n, scheduler, dashboard_address) as client:
-                with contextlib.suppress(Exception):  # bokeh is a dependency, but a scheduler may run without it
-                    summary.dashboard = client.dashboard_link if scheduler or importlib.util.find_spec("bokeh") \
-                        else None
-                summary.workers = len(client.scheduler_info().get("workers", {})) or n
-                results = _run(client, spec, pending, reader.num_steps, progress, summary.dashboard)
-        summary.devices = [r["device"] for r in results]
-    summary.seconds = time.perf_counter() - t0
-    computed = {p.split: sum(1 for b in pending if b.split == p.split) for p in plans}
-    summary.splits = [SplitSummary(p.split, p.steps, computed[p.split],
-                                   split_stats(reader.group, p.split, p.settings.tol)) for p in plans]
+        n = 1 if executor == "inline" else workers or default_workers(cuda_here)
+        # Torch's CPU kernels sum in an order that depends on the thread count, so the count is part of what
+        # must match for results to be mixed: a resume keeps the stored count unless one is given.
+        threads = threads_per_worker or stored_threads(reader.group, name, settings, recompute) \
+            or (torch.get_num_threads() if executor == "inline" else 1 if scheduler
+                else max(1, (os.cpu_count() or 1) // n))
+        plan = plan_result(reader.group, name, split_names, steps=reader.num_steps, layout=reader.layout,
+                           block=block, settings=settings, recompute=recompute,
+                           extra={"threads": threads})
+        for s in split_names:  # what L was, beside the results: `lca info` shows it, a resume checks it
+            result_meta(reader.group, s, plan.path).attrs["problem"] = problem.to_json()
+        for p in plan.splits:
+            if p.damaged and progress:
+                print(f"note: recomputing {describe_damage(p.split, p.damaged, p.block, p.steps)}", flush=True)
+        summary = ComputeSummary(store, settings, name)
+        pending = plan.pending
+        t0 = time.perf_counter()
+        if pending:
+            if unguarded:
+                print(f"note: {unguarded} has no `if __name__ == \"__main__\":` guard, so Dask worker processes "
+                      f"(which re-import it) cannot start; computing in this process instead (put the script's "
+                      f"code under that guard to use workers)", file=sys.stderr, flush=True)
+            spec = TaskSpec(store=store, created=created, problem=problem.to_json(), settings=settings.to_json(),
+                            result=plan.path, name=name, token=claim.token, device=device, threads=threads,
+                            module_roots=tuple(problem.module_roots()))
+            claim.start_heartbeat()
+            if executor == "inline":
+                summary.workers = 1
+                results = _run_inline(spec, pending, reader.num_steps, progress, claim)
+            else:
+                with _client(n, scheduler, dashboard_address) as client:
+                    with contextlib.suppress(Exception):  # bokeh is a dependency, but a scheduler may run without it
+                        summary.dashboard = client.dashboard_link \
+                            if scheduler or importlib.util.find_spec("bokeh") else None
+                    summary.workers = len(client.scheduler_info().get("workers", {})) or n
+                    results = _run(client, spec, pending, reader.num_steps, progress, summary.dashboard,
+                                   worker_timeout, claim)
+            summary.devices = [r["device"] for r in results]
+            summary.threads = sorted({int(r["threads"]) for r in results})
+        Guard(store, created, name, claim.token)(reader.group)
+        with claim.lock:
+            finish_result(reader.group, plan)
+        summary.seconds = time.perf_counter() - t0
+        computed = {p.split: sum(1 for b in pending if b.split == p.split) for p in plan.splits}
+        summary.splits = [SplitSummary(p.split, p.steps, computed[p.split],
+                                       split_stats(reader.group, plan.path, p.split, p.settings.tol))
+                          for p in plan.splits]
     _warn_unreached_tolerance(summary)
     return summary
 
@@ -314,15 +366,24 @@ def _settings_only() -> Workflow:
 
 
 def _earlier_problem(reader: Any) -> Problem | None:
-    for split in ("train", "heldout"):
-        name = array_names(split)["lca"]
-        if name in reader.group and isinstance(reader.group[name].attrs.get("problem"), dict):
-            return Problem.from_json(reader.group[name].attrs["problem"])
+    """The problem recorded beside the most recently started result that has one (any name)."""
+    for ref in reversed(list_results(reader.group)):
+        for split in ("train", "heldout"):
+            meta = result_meta(reader.group, split, ref.path)
+            if meta is not None and isinstance(meta.attrs.get("problem"), dict):
+                return Problem.from_json(meta.attrs["problem"])
     return None
 
 
+def _resumed_version(reader: Any, name: str) -> str | None:
+    """The version group of result `name` that a compute without --recompute would resume, if any."""
+    current = result_attrs(reader.group, name).get("current")
+    path = f"{GROUP}/{name}/{current}"
+    return path if valid_version(current) and path in reader.group else None
+
+
 def check_problem(reader: Any, problem: Problem, stored: Problem | None, split_names: list[str],
-                  settings: Settings, *, recompute: bool) -> Problem:
+                  settings: Settings, *, recompute: bool, name: str) -> Problem:
     """Build the problem here once and compare it with the store; returns it with the evaluated data's
     fingerprints (which workers check again). Each mismatch is one line naming both sides."""
     import torch
@@ -337,19 +398,20 @@ def check_problem(reader: Any, problem: Problem, stored: Problem | None, split_n
                            f"{problem.loss}; LCA must allocate the loss training minimised: drop the loss override")
     splits = problem.build_data()
     fingerprints, evaluated = {}, {}
-    for name in split_names:
-        split = problem.build_split(name, splits)
-        fingerprints[name] = split.fingerprint()
-        check_fingerprint(stored.fingerprints.get(name) if stored else None, fingerprints[name], name, problem,
-                          store)
-        lca_name = array_names(name)["lca"]
-        earlier = reader.group[lca_name].attrs.get("problem") if lca_name in reader.group else None
-        earlier_fp = (earlier.get("fingerprints") or {}).get(name) if isinstance(earlier, dict) else None
-        if earlier_fp and earlier_fp != fingerprints[name] and not recompute:
-            raise ProblemError(f"the {name} LCA already in {store} was computed on data with fingerprint "
-                               f"{earlier_fp}, not {fingerprints[name]} ({problem.data}); pass --recompute to "
-                               f"replace it")
-        evaluated[name] = split
+    resumed = _resumed_version(reader, name)
+    for split_name in split_names:
+        split = problem.build_split(split_name, splits)
+        fingerprints[split_name] = split.fingerprint()
+        check_fingerprint(stored.fingerprints.get(split_name) if stored else None, fingerprints[split_name],
+                          split_name, problem, store)
+        meta = result_meta(reader.group, split_name, resumed) if resumed else None
+        earlier = meta.attrs.get("problem") if meta is not None else None
+        earlier_fp = (earlier.get("fingerprints") or {}).get(split_name) if isinstance(earlier, dict) else None
+        if earlier_fp and earlier_fp != fingerprints[split_name] and not recompute:
+            raise ProblemError(f"the {split_name} LCA {name!r} already in {store} was computed on data with "
+                               f"fingerprint {earlier_fp}, not {fingerprints[split_name]} ({problem.data}); pass "
+                               f"--recompute to replace it, or --name NEW to keep both")
+        evaluated[split_name] = split
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(reader.attrs.get("seed", 0) or 0))
         net = problem.build_model()
@@ -454,6 +516,36 @@ def _run_inline(spec: TaskSpec, pending: list, steps: int, progress: bool) -> li
 def _run(client: Any, spec: TaskSpec, pending: list, steps: int, progress: bool,
          dashboard: str | None) -> list[dict[str, Any]]:
     from distributed import as_completed
+def _lost(spec: TaskSpec, claim: Claim) -> None:
+    if claim.lost:
+        raise LCAError(f"this compute lost its claim on LCA result {spec.name!r} in {spec.store} to "
+                       f"{claim.lost}; it stopped without writing more")
+
+
+def _run_inline(spec: TaskSpec, pending: list, steps: int, progress: bool, claim: Claim) -> list[dict[str, Any]]:
+    """The same tasks as on a Dask worker, one after another in this process, with the spec's threads; each
+    task checks the store and the claim before it writes (run_block's guard), and a lost claim stops here."""
+    import torch
+    from tqdm.auto import tqdm
+
+    saved = torch.get_num_threads()
+    results = []
+    bar = tqdm(total=len(pending), unit="block", desc="LCA (inline)", disable=not progress)
+    try:
+        for b in pending:
+            _lost(spec, claim)
+            results.append(run_block(spec, b.split, b.index, b.start, b.stop, steps))
+            bar.update(1)
+    finally:
+        bar.close()
+        release(spec)
+        torch.set_num_threads(saved)
+    return results
+
+
+def _run(client: Any, spec: TaskSpec, pending: list, steps: int, progress: bool, dashboard: str | None,
+         worker_timeout: float, claim: Claim) -> list[dict[str, Any]]:
+    from distributed import wait
     from tqdm.auto import tqdm
 
     if dashboard and progress:
@@ -462,19 +554,42 @@ def _run(client: Any, spec: TaskSpec, pending: list, steps: int, progress: bool,
                              key=f"lca-{b.split}-{b.index}-{os.getpid()}-{time.time_ns()}") for b in pending]
     results = []
     bar = tqdm(total=len(futures), unit="block", desc="LCA", disable=not progress)
+    last_worker = time.monotonic()
     try:
-        for future in as_completed(futures):
+        remaining = set(futures)
+        while remaining:
             try:
-                results.append(future.result())
-            except LCAError:
-                raise
-            except Exception as e:  # a worker-side failure that is not ours: say which block, keep it short
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise LCAError(f"a block task failed on a worker: {type(e).__name__}: {first}") from None
-            bar.update(1)
+                done, _ = wait(list(remaining), timeout=1.0, return_when="FIRST_COMPLETED")
+            except TimeoutError:  # nothing finished this second: time to look at the workers
+                done = set()
+            for future in done:
+                remaining.discard(future)
+                try:
+                    results.append(future.result())
+                except LCAError:
+                    raise
+                except Exception as e:  # a worker-side failure that is not ours: keep it short
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise LCAError(f"a block task failed on a worker: {type(e).__name__}: {first}") from None
+                bar.update(1)
+            _lost(spec, claim)
+            if remaining:
+                if _live_workers(client):
+                    last_worker = time.monotonic()
+                elif time.monotonic() - last_worker > worker_timeout:
+                    raise LCAError(f"no live Dask worker for {worker_timeout:g} s, with {len(remaining)} block(s) "
+                                   f"left; finished blocks are kept: start workers (or check why they die) and run "
+                                   f"the same command again, or raise --worker-timeout")
     finally:
         bar.close()
         for f in futures:
             if not f.done():
                 f.cancel()
     return results
+
+
+def _live_workers(client: Any) -> int:
+    try:
+        return len(client.scheduler_info().get("workers", {}))
+    except Exception:  # the scheduler itself is unreachable: no workers either
+        return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ class TaskSpec:
     created: str  # the store's creation stamp: a store retrained at the same path is a different store
     problem: dict[str, Any]  # Problem JSON; its fingerprints are those of the data the client checked
     settings: dict[str, Any]
+    result: str   # the version group the tasks write (see pipeline/lca/results.py)
+    name: str     # the result's name: its claim is in `lca/<name>` (see pipeline/lca/claims.py)
+    token: str    # this compute's claim token
     device: str = "auto"
     threads: int | None = None
     module_roots: tuple[str, ...] = ()  # folders the client imported the factories from
@@ -78,6 +82,26 @@ def _reducer(spec: TaskSpec, layout: Any):
         if key not in _READERS:
             _READERS[key] = Reducer(layout)
         return _READERS[key]
+
+
+def _where() -> str:
+    try:
+        from distributed import get_worker
+
+        return f"worker {get_worker().address} on {socket.gethostname()}"
+    except (ImportError, ValueError):
+        return f"this process on {socket.gethostname()}"
+
+
+def _open(spec: TaskSpec):
+    """The store as this worker sees it; a worker that cannot see it fails the run with one line."""
+    from trajectory_store import StoreError
+
+    try:
+        return _reader(spec)
+    except StoreError as e:
+        raise LCAError(f"{_where()} cannot open the store {spec.store} ({e}); every worker must see the store "
+                       f"at the same path (a shared file system) or the store must be a URL") from None
 
 
 def get_evaluator(spec: TaskSpec, split: str):
@@ -128,8 +152,12 @@ def run_block(spec: TaskSpec, split: str, index: int, start: int, stop: int, ste
     from pipeline.lca.integrate import integrate_block
     from pipeline.lca.plan import Block, Settings, write_block
 
+    from pipeline.lca.claims import Guard
+
     t0 = time.perf_counter()
-    reader = _reader(spec)
+    reader = _open(spec)
+    guard = Guard(spec.store, spec.created, spec.name, spec.token)
+    guard(reader.group)  # before reading rows: a retrained store's rows belong to another trajectory
     if stop + 1 > reader.num_checkpoints:  # the run was extended since this worker opened it
         reader.refresh()
     rows = reader.params(start, stop + 1)
@@ -143,9 +171,10 @@ def run_block(spec: TaskSpec, split: str, index: int, start: int, stop: int, ste
     result = integrate_block(evaluator.loss_and_grad, rows, rule=s["rule"], tol=s["tol"],
                              max_splits=s["max_splits"], points_per_pass=evaluator.points_per_pass)
     settings = Settings(**{**s, "keep_layers": tuple(s.get("keep_layers", ()))})
-    write_block(reader.group, Block(split, index, start, stop), result, steps, reader.layout, settings,
-                _reducer(spec, reader.layout))
+    write_block(reader.group, spec.result, Block(split, index, start, stop), result, steps, reader.layout, settings,
+                _reducer(spec, reader.layout), guard=lambda: guard(reader.group))
     return {
         "split": split, "index": index, "steps": stop - start, "points": int(result.points.sum()),
         "seconds": time.perf_counter() - t0, "device": str(evaluator.device), "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
     }
