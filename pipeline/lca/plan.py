@@ -445,6 +445,7 @@ class BlockWriter:
 
     def __init__(self, root: zarr.Group, result: str, block: Block, steps: int, layout: Any, settings: Settings,
                  reducer: Reducer | None = None, guard: Callable[[], None] = lambda: None) -> None:
+        guard()  # first: a store replaced under this compute may lack the arrays looked up below
         self.root, self.block, self.steps, self.guard = root, block, steps, guard
         self.names = array_names(block.split, result)
         self.out = OutputSpec.build(layout, settings.keep, settings.keep_layers)
@@ -456,7 +457,6 @@ class BlockWriter:
         self.chunk_rows = self.param.chunks[0] if self.param is not None else n
         self._pending: dict[int, np.ndarray] = {}
         self._written: list[tuple[int, int]] = []
-        guard()
 
     def row(self, j: int, lca_row: np.ndarray) -> None:
         """Step block.start + j's float32 LCA row [P]."""
