@@ -494,28 +494,6 @@ def _unguarded_main() -> str | None:
     return str(path)
 
 
-def _run_inline(spec: TaskSpec, pending: list, steps: int, progress: bool) -> list[dict[str, Any]]:
-    """The same tasks as on a Dask worker, one after another in this process, with the spec's threads."""
-    import torch
-    from tqdm.auto import tqdm
-
-    saved = torch.get_num_threads()
-    results = []
-    bar = tqdm(total=len(pending), unit="block", desc="LCA (inline)", disable=not progress)
-    try:
-        for b in pending:
-            results.append(run_block(spec, b.split, b.index, b.start, b.stop, steps))
-            bar.update(1)
-    finally:
-        bar.close()
-        release(spec)
-        torch.set_num_threads(saved)
-    return results
-
-
-def _run(client: Any, spec: TaskSpec, pending: list, steps: int, progress: bool,
-         dashboard: str | None) -> list[dict[str, Any]]:
-    from distributed import as_completed
 def _lost(spec: TaskSpec, claim: Claim) -> None:
     if claim.lost:
         raise LCAError(f"this compute lost its claim on LCA result {spec.name!r} in {spec.store} to "
